@@ -1,0 +1,217 @@
+"""All artifact I/O: Parquet tables, JSON metrics, CSV plots, FAISS indexes, checkpoints.
+
+Every write is atomic: data goes to a temporary file beside the target and is renamed
+into place only when complete, so an interrupted stage never leaves a partial artifact.
+`StageWriter` extends this to a whole stage: nothing is published unless every output
+was written.
+
+Tables are written deterministically (zstd, fixed row-group size, no timestamps), so a
+rerun with unchanged inputs gives byte-identical files and DVC skips downstream stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ArtifactError
+
+ROW_GROUP_ROWS = 65_536
+"""Rows per Parquet row group: later stages can stream a table group by group."""
+
+
+# --------------------------------------------------------------------------- atomic files
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` on success only."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+class StageWriter:
+    """Collects a stage's outputs in temporary files and publishes them all at the end.
+
+    with StageWriter() as out:
+        write_table(table, out.path("data/x/table.parquet"))
+        write_json(metrics, out.path("data/x/metrics.json"))
+    # all renamed into place here; on an exception none are, and the temporaries go.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path(self, target: str | Path) -> Path:
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        self._pending.append((Path(tmp), target))
+        return Path(tmp)
+
+    def __enter__(self) -> StageWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                for tmp, target in self._pending:
+                    os.replace(tmp, target)
+        finally:
+            for tmp, _ in self._pending:
+                tmp.unlink(missing_ok=True)
+
+
+def require(path: str | Path, what: str) -> Path:
+    """Fail with a clear message when an upstream artifact is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"missing {what}: {path} (run the upstream stage first, "
+                            "e.g. `uv run dvc repro`)")
+    return path
+
+
+# --------------------------------------------------------------------------- Parquet
+def embedding_array(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) float32 -> fixed_size_list<float32>[D] without copying row by row."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ValueError(f"expected an (N, D) matrix, got shape {matrix.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def fixed_list_array(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    """(N, K) numeric array -> fixed_size_list<value_type>[K]."""
+    matrix = np.ascontiguousarray(matrix)
+    flat = pa.array(matrix.reshape(-1), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
+
+
+def list_column_to_numpy(column: pa.ChunkedArray | pa.Array, dtype: Any = None) -> np.ndarray:
+    """fixed_size_list<T>[D] column -> (N, D) array (offset-safe: flatten, not .values)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    if column.null_count:
+        raise ArtifactError(f"list column has {column.null_count} null rows")
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    out = values.reshape(-1, width)
+    return out.astype(dtype, copy=False) if dtype is not None else out
+
+
+def write_table(table: pa.Table, path: str | Path, *, metadata: dict[str, Any] | None = None,
+                row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    """Write `table` to Parquet atomically; `metadata` values are stored as JSON strings
+    in the schema's key-value metadata (provenance: encoder, dim, source, ...)."""
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): json.dumps(v, sort_keys=True).encode()
+                       for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows,
+                       write_statistics=True)
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, Any]:
+    """Decode the JSON-valued key-value metadata written by `write_table`."""
+    out: dict[str, Any] = {}
+    for key, value in (schema.metadata or {}).items():
+        name = key.decode()
+        if name.startswith("ARROW:") or name == "pandas":
+            continue
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value.decode()
+    return out
+
+
+def read_table(path: str | Path, what: str, *, columns: Sequence[str] | None = None,
+               required: Sequence[str] = ()) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a Parquet artifact, checking that it exists and has the required columns.
+
+    Returns (table, metadata) where metadata is `read_metadata` of its schema.
+    """
+    path = require(path, what)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtifactError(f"{what} at {path} is not a readable Parquet file: {exc}") from None
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise ArtifactError(f"{what} at {path} lacks column(s) {', '.join(missing)} "
+                            f"(has {', '.join(schema.names)}); rerun its stage")
+    table = pq.read_table(path, columns=list(columns) if columns else None)
+    return table, read_metadata(schema)
+
+
+def iter_row_groups(path: str | Path, *, columns: Sequence[str] | None = None
+                    ) -> Iterator[pa.Table]:
+    """Stream a Parquet file one row group at a time (bounded memory)."""
+    reader = pq.ParquetFile(path)
+    for i in range(reader.num_row_groups):
+        yield reader.read_row_group(i, columns=list(columns) if columns else None)
+
+
+# --------------------------------------------------------------------------- JSON / CSV
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return None if math.isnan(value) else round(value, 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> None:
+    """Write a JSON document atomically, keys sorted, floats rounded to 6 places
+    (so reruns compare equal and `dvc metrics diff` stays readable)."""
+    text = json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    path = require(path, what)
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{what} at {path} is not valid JSON: {exc}") from None
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Write rows of equal keys as CSV atomically (DVC plots read it)."""
+    if not rows:
+        raise ValueError("no rows to write")
+    header = list(rows[0])
+    lines = [",".join(header)]
+    for row in rows:
+        cells = []
+        for key in header:
+            value = _json_safe(row[key])
+            cells.append("" if value is None else str(value))
+        lines.append(",".join(cells))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

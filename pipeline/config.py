@@ -1,0 +1,274 @@
+"""Typed, validated parameters: one frozen dataclass per params.yaml section.
+
+`load_params` is called once at the CLI boundary; everything below it receives these
+objects, never raw dicts. Unknown keys, wrong types and out-of-range values raise
+`ConfigError` with a message that names the key, the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+SOURCES = ("digits", "imagefolder", "manifest", "cifar10", "cifar100", "food101n",
+           "clothing1m", "webvision", "animal10n")
+ENCODERS = ("pixels", "open_clip")
+NOISE_KINDS = ("none", "symmetric", "asymmetric", "pairflip", "pmd", "hybrid", "file")
+PMD_TYPES = ("I", "II", "III")
+WEIGHTINGS = ("agreement", "uniform")
+PROJECTIONS = ("linear", "mlp")
+FEATURE_NORMS = ("standardize", "l2", "none")
+READOUTS = ("auto", "nearest_one", "argmax")
+
+
+def _choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{key}: unknown value {value!r}; valid: {', '.join(choices)}")
+
+
+def _check(ok: bool, section: str, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{key}: {value!r} is not valid; it must be {rule}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images and labels come from and how they are split.
+
+    `val_fraction` / `test_fraction` apply to sources without an official split
+    (digits, imagefolder or manifest without a split column); official protocols win.
+    `val_fraction` also sizes the noisy-label val split carved out of train for the
+    real-noise sources without a clean one (food101n, webvision, animal10n).
+    `food101_root`: the Food-101 directory whose meta/test.txt is food101n's test split
+    (null: `food-101` next to data.root). `ilsvrc12_root`: ILSVRC2012 val images in
+    <wnid>/ folders, webvision's "test_ilsvrc12" split (null: that split is left out).
+    Each is read only by its source.
+    """
+
+    source: str = "digits"
+    root: str | None = None
+    seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    food101_root: str | None = None
+    ilsvrc12_root: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("data", "source", self.source, SOURCES)
+        _check(0 < self.val_fraction < 1, "data", "val_fraction", self.val_fraction, "in (0, 1)")
+        _check(0 < self.test_fraction < 1, "data", "test_fraction", self.test_fraction, "in (0, 1)")
+        _check(self.val_fraction + self.test_fraction < 1, "data", "val_fraction",
+               self.val_fraction, "such that val_fraction + test_fraction < 1")
+        if self.source != "digits" and not self.root:
+            raise ConfigError(f"data.root: source {self.source!r} reads a dataset on disk; "
+                              "set data.root to its directory (or manifest file)")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """The frozen encoder f_p. `pixels`: standardised pixel vectors. `open_clip`: any
+    open_clip model; `pretrained` is a tag (`openai`), a local checkpoint file, or
+    `local-dir:` / `hf-hub:` forms; null means random weights (tests only)."""
+
+    encoder: str = "pixels"
+    model: str = "ViT-L-14-quickgelu"
+    pretrained: str | None = "openai"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("embed", "encoder", self.encoder, ENCODERS)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """FAISS index over the train split: an `index_factory` string (inner product on
+    L2-normalised vectors) and optional search-time parameters such as "efSearch=128"."""
+
+    factory: str = "Flat"
+    search_params: str = ""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.factory.strip()), "index", "factory", self.factory,
+               "a FAISS index_factory string such as Flat, HNSW32 or IVF1024,Flat")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Label noise injected into the train split (val and test stay clean).
+
+    kind: none | symmetric | asymmetric | pairflip | pmd | hybrid | file.
+    `rate` is the flip rate for symmetric / asymmetric / pairflip, and for hybrid the
+    rate of the noise (`hybrid_on_top`) applied on top of PMD labels.
+    `asym_map`: pair (c -> c+1 mod C) | cifar10 | cifar100 | explicit "src:dst,src:dst".
+    """
+
+    kind: str = "symmetric"
+    rate: float = 0.4
+    seed: int = 0
+    asym_map: str = "pair"
+    pmd_type: str = "I"
+    pmd_factor: float = 1.43
+    hybrid_on_top: str = "symmetric"
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("noise", "kind", self.kind, NOISE_KINDS)
+        _check(0 <= self.rate < 1, "noise", "rate", self.rate, "in [0, 1)")
+        _choice("noise", "pmd_type", self.pmd_type, PMD_TYPES)
+        _check(self.pmd_factor > 1, "noise", "pmd_factor", self.pmd_factor, "> 1")
+        _choice("noise", "hybrid_on_top", self.hybrid_on_top, ("symmetric", "asymmetric"))
+        if self.kind == "file" and not self.file:
+            raise ConfigError("noise.file: noise.kind is 'file' but no file is given")
+
+
+@dataclass(frozen=True)
+class RetrieveConfig:
+    """Label retrieval: k nearest training neighbours (self excluded by id)."""
+
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "retrieve", "k", self.k, ">= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The diffusion classifier and its optimisation (METHOD.md sections 2-5)."""
+
+    seed: int = 0
+    epochs: int = 200
+    batch_size: int = 200
+    lr: float = 1e-3
+    warmup_epochs: int = 5
+    feature_dim: int = 512
+    timesteps: int = 1000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    weighting: str = "agreement"
+    projection: str = "linear"
+    feature_norm: str = "standardize"
+    ddim_steps: int = 10
+    readout: str = "auto"
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "feature_dim", "ddim_steps", "eval_every"):
+            _check(getattr(self, key) >= 1, "train", key, getattr(self, key), ">= 1")
+        _check(self.batch_size >= 2, "train", "batch_size", self.batch_size, ">= 2 (BatchNorm)")
+        _check(self.lr > 0, "train", "lr", self.lr, "> 0")
+        _check(0 <= self.warmup_epochs < self.epochs, "train", "warmup_epochs",
+               self.warmup_epochs, "in [0, epochs)")
+        _check(self.timesteps >= 2, "train", "timesteps", self.timesteps, ">= 2")
+        _check(self.ddim_steps <= self.timesteps, "train", "ddim_steps", self.ddim_steps,
+               "<= timesteps")
+        _check(self.grad_clip > 0, "train", "grad_clip", self.grad_clip, "> 0")
+        _check(0 <= self.ema_decay < 1, "train", "ema_decay", self.ema_decay, "in [0, 1)")
+        _choice("train", "weighting", self.weighting, WEIGHTINGS)
+        _choice("train", "projection", self.projection, PROJECTIONS)
+        _choice("train", "feature_norm", self.feature_norm, FEATURE_NORMS)
+        _choice("train", "readout", self.readout, READOUTS)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluation and baselines. `linear_l2`: L2 penalty of the linear probes;
+    `stochastic_samples`: extra DDIM samples from y_T ~ N(0, I) per image for a vote
+    confidence (0 turns it off)."""
+
+    linear_l2: float = 1e-4
+    linear_iters: int = 200
+    stochastic_samples: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.linear_l2 >= 0, "evaluate", "linear_l2", self.linear_l2, ">= 0")
+        _check(self.linear_iters >= 1, "evaluate", "linear_iters", self.linear_iters, ">= 1")
+        _check(self.stochastic_samples >= 0, "evaluate", "stochastic_samples",
+               self.stochastic_samples, ">= 0")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field annotation (str, int, float, bool, X | None)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"NoneType": type(None)})  # noqa: S307
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{section}.{key}: must not be null")
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if kind is bool and isinstance(value, bool):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{section}.{key}: {value!r} is not a {names}")
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(known)}")
+    values = {k: _coerce(name, k, v, known[k].type) for k, v in raw.items()}
+    return cls(**values)
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    """Build and validate `Params` from a parsed params.yaml mapping."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params: the file must hold a mapping of sections")
+    sections = {f.name: f for f in fields(Params)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"params: unknown section(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(sections)}")
+    built = {}
+    for name, f in sections.items():
+        cls = f.default_factory().__class__  # type: ignore[misc]
+        built[name] = _section(name, cls, raw.get(name))
+    return Params(**built)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file. Raises ConfigError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {path} is not valid YAML: {exc}") from None
+    return params_from_dict(raw)
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a config dataclass (for checkpoints and provenance)."""
+    return dataclasses.asdict(cfg)

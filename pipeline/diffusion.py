@@ -1,0 +1,94 @@
+"""Diffusion over label vectors: the cosine noise schedule, the forward process, antithetic
+timestep draws, and deterministic DDIM sampling (METHOD.md sections 3 and 6).
+
+Timesteps are integer indices t in [0, T); `alphas_cumprod[t]` is abar_t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def cosine_betas(timesteps: int, *, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule. Returns betas: (T,) float64.
+
+    abar(t) = f(t) / f(0), f(t) = cos(((t / T) + s) / (1 + s) * pi / 2)^2,
+    beta_t = min(1 - abar(t + 1) / abar(t), max_beta).
+    """
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    abar = f / f[0]
+    return torch.clamp(1 - abar[1:] / abar[:-1], max=max_beta)
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """abar_t = prod_{s<=t} (1 - beta_s). (T,) float64."""
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
+    """The DDIM sub-sequence used at inference, ascending: {1, 1 + T/steps, ...}.
+
+    T=1000, steps=10 gives {1, 101, ..., 901}, the released scripts' (and the paper's)
+    sequence. Returns (steps,) int64.
+    """
+    stride = timesteps // steps
+    return (np.arange(steps, dtype=np.int64) * stride + 1).clip(max=timesteps - 1)
+
+
+def antithetic_timesteps(n: int, timesteps: int, *, generator: torch.Generator,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """Draw t for half the batch and pair it with T-1-t (lower-variance loss estimate).
+
+    Returns (n,) int64 on `device`.
+    """
+    half = torch.randint(0, timesteps, ((n + 1) // 2,), generator=generator, device=device)
+    return torch.cat([half, timesteps - 1 - half])[:n]
+
+
+def q_sample(y0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor
+             ) -> torch.Tensor:
+    """Forward process y_t = sqrt(abar_t) y0 + sqrt(1 - abar_t) eps (prior mean 0).
+
+    y0, eps: (B, C) float32; t: (B,) int64; abar: (T,) float32 on the same device.
+    """
+    a = abar[t].unsqueeze(1)  # (B, 1)
+    return a.sqrt() * y0 + (1 - a).sqrt() * eps
+
+
+@torch.inference_mode()
+def ddim_sample(model: nn.Module, features: torch.Tensor, *, abar: torch.Tensor,
+                timesteps: np.ndarray, num_classes: int, y_start: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from y_T to y_0, conditioned on `features`.
+
+    features: (N, D) float32; abar: (T,) float32; timesteps: ascending DDIM steps.
+    y_start: (N, C) starting point; None means the prior mean 0 (the paper's
+    "mean-start" trajectory). Returns y_0: (N, C) float32 label-space scores.
+    """
+    n = features.shape[0]
+    y = (torch.zeros(n, num_classes, device=features.device, dtype=features.dtype)
+         if y_start is None else y_start)
+    steps = [int(t) for t in timesteps[::-1]]
+    for i, t in enumerate(steps):
+        a_t = abar[t]
+        a_prev = abar[steps[i + 1]] if i + 1 < len(steps) else abar.new_tensor(1.0)
+        t_batch = torch.full((n,), t, dtype=torch.long, device=features.device)
+        eps = model(y, t_batch, features)  # (N, C)
+        y0_hat = (y - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        y = a_prev.sqrt() * y0_hat + (1 - a_prev).sqrt() * eps
+    return y
+
+
+def readout(scores: torch.Tensor, rule: str) -> torch.Tensor:
+    """Class decisions from y_0 scores (N, C): "argmax", or "nearest_one" (the class
+    whose coordinate is closest to 1, the released code's rule). Returns (N,) int64."""
+    if rule == "argmax":
+        return scores.argmax(dim=1)
+    if rule == "nearest_one":
+        return (scores - 1).abs().argmin(dim=1)
+    raise ValueError(f"unknown readout {rule!r}; valid: argmax, nearest_one")

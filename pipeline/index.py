@@ -1,0 +1,90 @@
+"""FAISS index over the train-split embeddings: cosine similarity as inner product on
+L2-normalised float32 vectors, any `index_factory` string (exact "Flat" by default,
+"HNSW32" / "IVF4096,Flat" / ... for millions of vectors). Vectors are added with their
+sample_id, so searches return sample ids, never row positions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from pipeline.artifacts import atomic_path
+from pipeline.errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 L2-normalised copy of x: (N, D)."""
+    out = np.array(x, dtype=np.float32, order="C", copy=True)
+    faiss.normalize_L2(out)
+    return out
+
+
+def build_index(embeddings: np.ndarray, ids: np.ndarray, *, factory: str,
+                seed: int = 0) -> faiss.Index:
+    """Build an inner-product index of the L2-normalised `embeddings` (N, D) float32,
+    labelled by `ids` (N,) int64. Trains the index first when the factory needs it
+    (IVF, PQ), on all vectors, with a fixed clustering seed."""
+    x = normalized(embeddings)
+    dim = x.shape[1]
+    try:
+        base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "invalid"
+        raise ConfigError(f"index.factory: {factory!r} is not a valid FAISS index_factory "
+                          f"string ({first}); e.g. Flat, HNSW32, IVF1024,Flat") from None
+    if not base.is_trained:
+        ivf = faiss.extract_index_ivf(base) if "IVF" in factory else None
+        if ivf is not None:
+            ivf.cp.seed = seed
+            if ivf.nlist > len(x):
+                raise ConfigError(f"index.factory: {factory!r} asks for {ivf.nlist} lists but "
+                                  f"the train split has only {len(x)} vectors")
+        base.train(x)
+    index = faiss.IndexIDMap2(base)
+    index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+    return index
+
+
+def save_index(index: faiss.Index, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def load_index(path: str | Path) -> faiss.Index:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"missing FAISS index: {path} (run `lra index` first)")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path} is not a readable FAISS index: {exc}") from None
+
+
+def apply_search_params(index: faiss.Index, params: str) -> None:
+    """Set search-time parameters such as "nprobe=64" or "efSearch=128"."""
+    if params.strip():
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        except RuntimeError as exc:
+            raise ConfigError(f"index.search_params: {params!r} does not apply to this "
+                              f"index ({str(exc).strip().splitlines()[-1]})") from None
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, *, chunk_rows: int = 65_536
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner-product search of L2-normalised `queries` (M, D), in chunks to bound
+    memory. Returns (similarities (M, k) float32, ids (M, k) int64), best first."""
+    if queries.shape[1] != index.d:
+        raise ArtifactError(f"embedding dimension {queries.shape[1]} does not match the "
+                            f"index dimension {index.d}; rerun `lra index`")
+    sims = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), chunk_rows):
+        q = normalized(queries[start:start + chunk_rows])
+        sims[start:start + len(q)], ids[start:start + len(q)] = index.search(q, k)
+    return sims, ids

@@ -1,0 +1,73 @@
+"""Label retrieval (METHOD.md section 2): neighbours in f_p space, self excluded by id,
+and the neighbour-label statistics that training draws its targets from."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from pipeline.errors import ArtifactError
+from pipeline.index import search
+
+
+def neighbours_excluding_self(index: faiss.Index, queries: np.ndarray,
+                              query_ids: np.ndarray, *, k: int
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest indexed neighbours of each query, never the query itself.
+
+    queries: (M, D) float32; query_ids: (M,) int64 sample ids (ids that are not in the
+    index, e.g. test samples, simply exclude nothing). Searches k + 1 and removes the
+    query's own id wherever it ranks (with duplicate images the duplicate may rank
+    first, so dropping column 0 would be wrong); when the own id is absent the last
+    column is dropped. Returns (ids (M, k) int64, similarities (M, k) float32).
+    """
+    sims, ids = search(index, queries, k + 1)
+    if (ids < 0).any():
+        raise ArtifactError(f"the index returned fewer than k+1={k + 1} neighbours for some "
+                            "queries; raise index.search_params (nprobe / efSearch) or k is "
+                            "too large for the train split")
+    is_self = ids == np.asarray(query_ids, dtype=np.int64)[:, None]  # (M, k+1)
+    # A stable sort on the mask moves the self column (True) last, keeping rank order.
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1)
+
+
+def lookup(values_by_id: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Gather per-sample values by sample id: values_by_id (max_id + 1,), ids any shape."""
+    return values_by_id[ids]
+
+
+def candidate_labels(own: np.ndarray, neighbour_labels: np.ndarray) -> np.ndarray:
+    """The k + 1 candidates: own observed label first, then the k neighbours'.
+    own: (N,) int64; neighbour_labels: (N, k) int64. Returns (N, k + 1) int64."""
+    return np.concatenate([own[:, None], neighbour_labels], axis=1)
+
+
+def label_distribution(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class frequencies among each row's labels. labels: (N, m) int64 in [0, C).
+    Returns (N, C) float32 rows summing to 1."""
+    n, m = labels.shape
+    counts = np.zeros((n, num_classes), dtype=np.float32)
+    np.add.at(counts, (np.repeat(np.arange(n), m), labels.ravel()), 1.0)
+    return counts / m
+
+
+def own_label_agreement(candidates: np.ndarray) -> np.ndarray:
+    """Fraction of the k + 1 candidates equal to the sample's own label (column 0).
+    candidates: (N, k + 1). Returns (N,) float32; 1 / (k + 1) means no neighbour agrees."""
+    return (candidates == candidates[:, :1]).mean(axis=1, dtype=np.float32)
+
+
+def knn_vote(neighbour_labels: np.ndarray, similarities: np.ndarray, num_classes: int
+             ) -> np.ndarray:
+    """Majority vote of neighbours' labels; ties go to the class with the larger summed
+    similarity. neighbour_labels, similarities: (N, k). Returns (N,) int64."""
+    n, k = neighbour_labels.shape
+    rows = np.repeat(np.arange(n), k)
+    votes = np.zeros((n, num_classes), dtype=np.float64)
+    np.add.at(votes, (rows, neighbour_labels.ravel()), 1.0)
+    tie_break = np.zeros((n, num_classes), dtype=np.float64)
+    np.add.at(tie_break, (rows, neighbour_labels.ravel()), similarities.ravel() + 1.0)
+    # Each class's summed (similarity + 1) is at most 2k < 2k + 1, so after the division
+    # it is worth less than one vote: it orders ties and nothing else.
+    return np.argmax(votes + tie_break / (2.0 * k + 1.0), axis=1).astype(np.int64)

@@ -1,0 +1,5 @@
+"""`python -m stages <command>`: the same app as the `lra` console script."""
+
+from stages.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""The one Typer app (`lra`) and what every stage command shares: params loading, the
+error-to-exit-code mapping, logging, runtime knobs (device, threads), progress bars.
+
+Exit codes: 2 for usage errors (bad option, failed validator, bad params value), 1 for
+domain errors (missing or mismatched artifact, bad data). Expected errors print one line
+on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.config import Params, load_params
+from pipeline.errors import ConfigError, LraError
+
+app = typer.Typer(
+    name="lra",
+    help="LRA-diffusion: label-retrieval-augmented diffusion for learning from noisy labels. "
+         "One command per DVC stage; `uv run dvc repro` runs them in order.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
+DeviceOption = Annotated[str, typer.Option(
+    "--device", envvar="LRA_DEVICE",
+    help="auto | cpu | cuda | cuda:N. A runtime knob: it changes speed, not results.")]
+ThreadsOption = Annotated[int, typer.Option(
+    "--threads", envvar="LRA_THREADS", min=0,
+    help="CPU threads for torch / FAISS (0: the library default).")]
+ProgressOption = Annotated[bool, typer.Option(
+    "--progress/--no-progress", envvar="LRA_PROGRESS", help="Show progress bars on stderr.")]
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when available else "cpu"; validate the rest."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine; "
+                              "use --device cpu or auto")
+        return device
+    raise ConfigError(f"--device: unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        import faiss
+        import torch
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def stage(name: str, params_path: Path | None = None) -> Iterator[Params | None]:
+    """Run a stage body: configure logging, load params, map errors to exit codes.
+
+    with stage("train", params) as p: ...  # p is the validated Params
+    """
+    logging.basicConfig(level=os.environ.get("LRA_LOG_LEVEL", "INFO"),
+                        format=f"lra {name}: %(message)s", stream=sys.stderr, force=True)
+    try:
+        yield load_params(params_path) if params_path is not None else None
+    except ConfigError as exc:
+        typer.echo(f"lra {name}: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except LraError as exc:
+        typer.echo(f"lra {name}: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(f"lra {name}: interrupted; no output was published", err=True)
+        raise typer.Exit(130) from None

@@ -1,0 +1,31 @@
+"""`lra index`: train-split embeddings -> data/index/train.faiss (+ index.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.artifacts import StageWriter, write_json
+from pipeline.errors import ArtifactError
+from pipeline.index import build_index, save_index
+from pipeline.tables import read_embeddings
+from stages.app import ParamsOption, ThreadsOption, app, set_threads, stage
+
+
+@app.command()
+def index(params: ParamsOption = Path("params.yaml"),
+          embeddings: Path = Path("data/embeddings/embeddings.parquet"),
+          out_dir: Path = Path("data/index"), threads: ThreadsOption = 0) -> None:
+    """Build the FAISS index (index.factory) over the train split."""
+    with stage("index", params) as p:
+        set_threads(threads)
+        emb = read_embeddings(embeddings)
+        train = emb.rows("train")
+        if len(train) == 0:
+            raise ArtifactError(f"embeddings at {embeddings} have no train-split rows")
+        idx = build_index(emb.vectors[train], emb.sample_id[train], factory=p.index.factory)
+        with StageWriter() as out:
+            save_index(idx, out.path(out_dir / "train.faiss"))
+            write_json({"factory": p.index.factory, "metric": "inner_product_l2_normalised",
+                        "dim": emb.dim, "vectors": int(idx.ntotal),
+                        "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model")},
+                       out.path(out_dir / "index.json"))

@@ -1,0 +1,69 @@
+"""`lra retrieve`: index + embeddings + observed labels -> data/retrieval/ neighbours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts import StageWriter, write_json
+from pipeline.errors import ConfigError
+from pipeline.index import apply_search_params, load_index
+from pipeline.retrieval import (candidate_labels, label_distribution,
+                                neighbours_excluding_self, own_label_agreement)
+from pipeline.tables import (UNKNOWN, check_same_samples, read_embeddings, read_labels,
+                             write_retrieval)
+from stages.app import ParamsOption, ThreadsOption, app, set_threads, stage
+
+
+@app.command()
+def retrieve(params: ParamsOption = Path("params.yaml"),
+             index_path: Path = Path("data/index/train.faiss"),
+             embeddings: Path = Path("data/embeddings/embeddings.parquet"),
+             labels: Path = Path("data/labels/labels.parquet"),
+             out_dir: Path = Path("data/retrieval"), threads: ThreadsOption = 0) -> None:
+    """For every sample, its k nearest train neighbours (never itself) and their labels."""
+    with stage("retrieve", params) as p:
+        set_threads(threads)
+        k = p.retrieve.k
+        emb = read_embeddings(embeddings)
+        lab = read_labels(labels)
+        check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
+        idx = load_index(index_path)
+        n_train = int((emb.split == "train").sum())
+        if idx.ntotal != n_train:
+            raise ConfigError(f"index at {index_path} holds {idx.ntotal} vectors but the train "
+                              f"split has {n_train}; rerun `lra index`")
+        if k >= n_train:
+            raise ConfigError(f"retrieve.k: {k} must be smaller than the train split "
+                              f"({n_train} samples)")
+        apply_search_params(idx, p.index.search_params)
+        ids, sims = neighbours_excluding_self(idx, emb.vectors, emb.sample_id, k=k)
+        # Sample ids are 0..N-1 row positions in every table, so ids index arrays directly.
+        neighbour_labels = lab.observed[ids]  # (N, k)
+        is_train = emb.split == "train"
+        candidates = candidate_labels(lab.observed, neighbour_labels)  # (N, k + 1)
+        distribution = np.where(is_train[:, None],
+                                label_distribution(candidates, lab.num_classes),
+                                label_distribution(neighbour_labels, lab.num_classes))
+        agreement = own_label_agreement(candidates)
+        train = np.flatnonzero(is_train)
+        known = train[lab.clean[train] != UNKNOWN]
+        summary = {"k": k, "mean_own_label_agreement": float(agreement[train].mean())}
+        if len(known):
+            # How often a drawn training target is right, and how often the neighbour
+            # majority recovers the clean label: the quality of the retrieved labels.
+            summary["candidate_clean_rate"] = float(
+                (candidates[known] == lab.clean[known][:, None]).mean())
+            summary["majority_clean_accuracy"] = float(
+                (distribution[known].argmax(axis=1) == lab.clean[known]).mean())
+            summary["observed_clean_accuracy"] = float(
+                (lab.observed[known] == lab.clean[known]).mean())
+        with StageWriter() as out:
+            write_retrieval(out.path(out_dir / "neighbours.parquet"), sample_id=emb.sample_id,
+                            split=emb.split, neighbour_ids=ids, distances=1.0 - sims,
+                            neighbour_labels=neighbour_labels, candidates=candidates,
+                            distribution=distribution, agreement=agreement, is_train=is_train,
+                            metadata={"k": k, "num_classes": lab.num_classes,
+                                      "distance": "cosine (1 - cos similarity)"})
+            write_json(summary, out.path(out_dir / "retrieval.json"))

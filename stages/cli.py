@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages import embed, evaluate, index, noise, prepare, retrieve, train  # noqa: F401
+from stages import embed, evaluate, index, noise, prepare, preset, retrieve, train  # noqa: F401
 from stages.app import app
 
 

@@ -1,0 +1,57 @@
+"""Presets: one-line setups for the paper's experiments (pipeline/presets/*.yaml).
+
+Each preset file holds `params` (a partial params.yaml: only the keys that differ for
+that experiment) and `reported` (the test accuracy the paper reports, so a user can see
+how close they got). `apply_preset` deep-merges a preset onto an existing params mapping
+and validates the result.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from pipeline.config import params_from_dict
+from pipeline.errors import ConfigError
+
+
+def _files() -> dict[str, Any]:
+    folder = resources.files("pipeline") / "presets"
+    return {p.name.removesuffix(".yaml"): p for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def preset_names() -> list[str]:
+    return sorted(_files())
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """{"params": {...}, "reported": {...}} of one preset; ConfigError if unknown."""
+    files = _files()
+    if name not in files:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(sorted(files))}")
+    data = yaml.safe_load(files[name].read_text())
+    return {"params": data.get("params") or {}, "reported": data.get("reported") or {}}
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A new mapping: `update` laid over `base`, recursing into nested mappings."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_preset(current: dict[str, Any], name: str, *, root: str | None = None
+                 ) -> dict[str, Any]:
+    """Merge preset `name` (and data.root when given) onto `current`; validate."""
+    merged = deep_merge(current, load_preset(name)["params"])
+    if root is not None:
+        merged = deep_merge(merged, {"data": {"root": root}})
+    params_from_dict(merged)  # raises ConfigError naming the bad key
+    return merged

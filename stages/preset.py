@@ -1,0 +1,50 @@
+"""`lra preset list | show NAME | apply NAME`: the paper's experiments in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from pipeline.artifacts import atomic_path
+from pipeline.presets import apply_preset, load_preset, preset_names
+from stages.app import app, stage
+
+preset_app = typer.Typer(help="Presets for the paper's experiments (CIFAR PMD / hybrid "
+                              "noise, Food-101N, mini-WebVision, Clothing1M, Animal-10N).",
+                         no_args_is_help=True)
+app.add_typer(preset_app, name="preset")
+
+
+@preset_app.command("list")
+def list_presets() -> None:
+    """List presets with the accuracy the paper reports for each."""
+    with stage("preset"):
+        for name in preset_names():
+            reported = load_preset(name)["reported"].get("lra_diffusion")
+            shown = "n/a" if reported is None else f"{reported:.2f} %"
+            typer.echo(f"{name:<22} paper LRA-diffusion test accuracy: {shown}")
+
+
+@preset_app.command("show")
+def show(name: str) -> None:
+    """Print a preset's params and reported numbers."""
+    with stage("preset"):
+        typer.echo(yaml.safe_dump(load_preset(name), sort_keys=False).rstrip())
+
+
+@preset_app.command("apply")
+def apply(name: str,
+          root: Annotated[str | None, typer.Option(help="Dataset directory (data.root).")] = None,
+          params: Annotated[Path, typer.Option("--params", help="params file to update.")]
+          = Path("params.yaml")) -> None:
+    """Merge a preset into params.yaml (comments in that file are not kept)."""
+    with stage("preset"):
+        current = yaml.safe_load(params.read_text()) if params.exists() else {}
+        merged = apply_preset(current or {}, name, root=root)
+        with atomic_path(params) as tmp:
+            tmp.write_text(yaml.safe_dump(merged, sort_keys=False))
+        typer.echo(f"{params}: preset {name} applied; run `uv run dvc repro` "
+                   "(or `uv run dvc exp run` to keep it as an experiment)")

@@ -1,0 +1,78 @@
+"""Presets: every preset merges into the default params and validates; apply writes it."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.config import params_from_dict
+from pipeline.errors import ConfigError
+from pipeline.presets import apply_preset, deep_merge, load_preset, preset_names
+from stages.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_the_papers_experiments_are_all_there():
+    names = set(preset_names())
+    for dataset in ("cifar10", "cifar100"):
+        for noise in ("pmd35", "pmd70", "pmd35-u30", "pmd35-u60", "pmd35-a30"):
+            assert f"{dataset}-{noise}" in names
+    assert {"food101n", "webvision", "clothing1m", "animal10n"} <= names
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_validates_and_sets_the_papers_settings(name):
+    params = params_from_dict(apply_preset(DEFAULTS, name, root="/datasets/x"))
+    assert params.data.root == "/datasets/x"
+    assert params.embed.encoder == "open_clip"
+    assert params.embed.model == "ViT-L-14-quickgelu" and params.embed.pretrained == "openai"
+    expected_k = {"webvision": 50, "clothing1m": 20}.get(name, 10)
+    assert params.retrieve.k == expected_k
+    if name.startswith("cifar"):
+        assert params.train.feature_dim == 512 and params.train.warmup_epochs == 5
+    else:
+        assert params.noise.kind == "none"  # real-noise datasets keep their own labels
+
+
+def test_cifar10_reported_numbers_match_method_md():
+    assert load_preset("cifar10-pmd35")["reported"]["lra_diffusion"] == 96.54
+    assert load_preset("cifar10-pmd35-u60")["reported"]["lra_diffusion"] == 87.21
+    assert load_preset("food101n")["reported"]["lra_diffusion"] == 93.42
+
+
+def test_hybrid_asymmetric_uses_the_dataset_map():
+    p = params_from_dict(apply_preset(DEFAULTS, "cifar100-pmd35-a30", root="r"))
+    assert (p.noise.kind, p.noise.hybrid_on_top, p.noise.asym_map, p.noise.rate) == (
+        "hybrid", "asymmetric", "cifar100", 0.3)
+
+
+def test_deep_merge_keeps_untouched_keys():
+    merged = deep_merge({"a": {"x": 1, "y": 2}, "b": 3}, {"a": {"y": 5}})
+    assert merged == {"a": {"x": 1, "y": 5}, "b": 3}
+
+
+def test_unknown_preset_is_a_config_error():
+    with pytest.raises(ConfigError, match="valid: .*cifar10-pmd35"):
+        load_preset("cifar11")
+
+
+def test_cli_apply_writes_a_valid_params_file(tmp_path):
+    target = tmp_path / "params.yaml"
+    target.write_text((ROOT / "params.yaml").read_text())
+    result = CliRunner().invoke(app, ["preset", "apply", "food101n", "--root", "/d/food",
+                                      "--params", str(target)])
+    assert result.exit_code == 0, result.output
+    written = params_from_dict(yaml.safe_load(target.read_text()))
+    assert written.data.source == "food101n" and written.data.root == "/d/food"
+    assert written.train.feature_dim == 1024
+
+
+def test_cli_apply_unknown_preset_exits_2_and_leaves_file(tmp_path):
+    target = tmp_path / "params.yaml"
+    target.write_text("data:\n  source: digits\n")
+    result = CliRunner().invoke(app, ["preset", "apply", "nope", "--params", str(target)])
+    assert result.exit_code == 2
+    assert target.read_text() == "data:\n  source: digits\n"

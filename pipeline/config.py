@@ -8,6 +8,7 @@ objects, never raw dicts. Unknown keys, wrong types and out-of-range values rais
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -257,15 +258,34 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     return Params(**built)
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (`1e-3`, `5E2`) as
+    floats, as YAML 1.2 and DVC (ruamel) do; PyYAML's YAML 1.1 rules read them as
+    strings, so `lr: 1e-3` was rejected while `dvc params diff` showed 0.001."""
+
+
+_ParamsLoader.add_implicit_resolver(  # adds to the subclass's own copy of the table
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse params-style YAML the way DVC does (1e-3 is a float, as in YAML 1.2)."""
+    return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file. Raises ConfigError on any problem."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"params file {path} is not valid YAML: {exc}") from None
+        raw = read_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # one line: where, and what (str(exc) quotes the source)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise ConfigError(f"params file {path} is not valid YAML{where}: {problem}") from None
     return params_from_dict(raw)
 
 

@@ -37,6 +37,7 @@ def stochastic_vote(model: nn.Module, features: torch.Tensor, *, abar: torch.Ten
     """
     gen = torch.Generator(device=features.device).manual_seed(seed)
     votes, confidence = [], []
+    was_training = model.training
     model.eval()
     per_chunk = max(1, chunk_rows // samples)
     for i in range(0, features.shape[0], per_chunk):
@@ -50,4 +51,5 @@ def stochastic_vote(model: nn.Module, features: torch.Tensor, *, abar: torch.Ten
         top = counts.max(dim=1)
         votes.append(top.indices)
         confidence.append(top.values.float() / samples)
+    model.train(was_training)
     return torch.cat(votes), torch.cat(confidence)

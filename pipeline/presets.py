@@ -12,9 +12,8 @@ import copy
 from importlib import resources
 from typing import Any
 
-import yaml
 
-from pipeline.config import params_from_dict
+from pipeline.config import params_from_dict, read_yaml
 from pipeline.errors import ConfigError
 
 
@@ -32,7 +31,7 @@ def load_preset(name: str) -> dict[str, Any]:
     files = _files()
     if name not in files:
         raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(sorted(files))}")
-    data = yaml.safe_load(files[name].read_text())
+    data = read_yaml(files[name].read_text())
     return {"params": data.get("params") or {}, "reported": data.get("reported") or {}}
 
 

@@ -39,6 +39,11 @@ ThreadsOption = Annotated[int, typer.Option(
     help="CPU threads for torch / FAISS (0: the library default).")]
 ProgressOption = Annotated[bool, typer.Option(
     "--progress/--no-progress", envvar="LRA_PROGRESS", help="Show progress bars on stderr.")]
+NprocOption = Annotated[int, typer.Option(
+    "--nproc", min=1, envvar="LRA_NPROC",
+    help="Processes on this machine (one per GPU): N > 1 relaunches the command under "
+         "`torchrun --standalone --nproc-per-node N` (docs/distributed.md). Ignored "
+         "inside torchrun.")]
 
 
 def resolve_device(device: str) -> str:
@@ -66,6 +71,11 @@ def set_threads(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
+def _one_line(exc: Exception) -> str:
+    """The message on one line, even when it quotes a multi-line library error."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 @contextlib.contextmanager
 def stage(name: str, params_path: Path | None = None) -> Iterator[Params | None]:
     """Run a stage body: configure logging, load params, map errors to exit codes.
@@ -77,10 +87,10 @@ def stage(name: str, params_path: Path | None = None) -> Iterator[Params | None]
     try:
         yield load_params(params_path) if params_path is not None else None
     except ConfigError as exc:
-        typer.echo(f"lra {name}: error: {exc}", err=True)
+        typer.echo(f"lra {name}: error: {_one_line(exc)}", err=True)
         raise typer.Exit(2) from None
     except LraError as exc:
-        typer.echo(f"lra {name}: error: {exc}", err=True)
+        typer.echo(f"lra {name}: error: {_one_line(exc)}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"lra {name}: interrupted; no output was published", err=True)

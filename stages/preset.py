@@ -9,6 +9,7 @@ import typer
 import yaml
 
 from pipeline.artifacts import atomic_path
+from pipeline.config import read_yaml
 from pipeline.presets import apply_preset, load_preset, preset_names
 from stages.app import app, stage
 
@@ -42,7 +43,7 @@ def apply(name: str,
           = Path("params.yaml")) -> None:
     """Merge a preset into params.yaml (comments in that file are not kept)."""
     with stage("preset"):
-        current = yaml.safe_load(params.read_text()) if params.exists() else {}
+        current = read_yaml(params.read_text()) if params.exists() else {}
         merged = apply_preset(current or {}, name, root=root)
         with atomic_path(params) as tmp:
             tmp.write_text(yaml.safe_dump(merged, sort_keys=False))

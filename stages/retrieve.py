@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.artifacts import StageWriter, write_json
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import apply_search_params, load_index
 from pipeline.retrieval import (candidate_labels, label_distribution,
                                 neighbours_excluding_self, own_label_agreement)
@@ -32,8 +32,9 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
         idx = load_index(index_path)
         n_train = int((emb.split == "train").sum())
         if idx.ntotal != n_train:
-            raise ConfigError(f"index at {index_path} holds {idx.ntotal} vectors but the train "
-                              f"split has {n_train}; rerun `lra index`")
+            # A stale index is a mismatched artifact (exit 1), not a params error.
+            raise ArtifactError(f"index at {index_path} holds {idx.ntotal} vectors but the "
+                                f"train split has {n_train}; rerun `lra index`")
         if k >= n_train:
             raise ConfigError(f"retrieve.k: {k} must be smaller than the train split "
                               f"({n_train} samples)")

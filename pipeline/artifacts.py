@@ -31,14 +31,30 @@ ROW_GROUP_ROWS = 65_536
 
 
 # --------------------------------------------------------------------------- atomic files
-@contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it onto `target` on success only."""
-    target = Path(target)
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (0o666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
+def _temp_beside(target: Path) -> Path:
+    """A new empty temporary file in target's folder, with the usual file mode (mkstemp
+    makes it 0600, which would leave artifacts unreadable to the rest of a team)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    tmp_path = Path(tmp)
+    os.chmod(tmp, _FILE_MODE)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` on success only."""
+    tmp_path = _temp_beside(Path(target))
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -59,12 +75,9 @@ class StageWriter:
         self._pending: list[tuple[Path, Path]] = []
 
     def path(self, target: str | Path) -> Path:
-        target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        self._pending.append((Path(tmp), target))
-        return Path(tmp)
+        tmp = _temp_beside(Path(target))
+        self._pending.append((tmp, Path(target)))
+        return tmp
 
     def __enter__(self) -> StageWriter:
         return self

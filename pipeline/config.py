@@ -26,7 +26,7 @@ NOISE_KINDS = ("none", "symmetric", "asymmetric", "pairflip", "pmd", "hybrid", "
 PMD_TYPES = ("I", "II", "III")
 WEIGHTINGS = ("agreement", "uniform")
 PROJECTIONS = ("linear", "mlp")
-FEATURE_NORMS = ("standardize", "l2", "none")
+FEATURE_NORMS = ("standardize", "center", "l2", "none")
 READOUTS = ("auto", "nearest_one", "argmax")
 
 

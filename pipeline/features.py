@@ -10,9 +10,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class FeatureNormalizer:
-    """kind: "standardize" (per-coordinate train mean / std), "l2" (unit rows) or "none".
+    """kind: "standardize" (per-coordinate train mean / std), "center" (per-coordinate
+    train mean, one pooled std for all coordinates: keeps the feature space's geometry,
+    so rarely-active coordinates are not blown up), "l2" (unit rows) or "none".
 
-    mean, std: (D,) float32 for "standardize", else None.
+    mean, std: (D,) float32 for "standardize" and "center", else None.
     """
 
     kind: str
@@ -27,13 +29,19 @@ class FeatureNormalizer:
             std = train.std(axis=0, dtype=np.float64).astype(np.float32)
             std[std < 1e-6] = 1.0  # constant coordinates carry nothing; avoid dividing by 0
             return cls(kind, mean, std)
+        if kind == "center":
+            mean = train.mean(axis=0, dtype=np.float64)
+            pooled = float(np.sqrt(((train - mean) ** 2).mean())) or 1.0
+            return cls(kind, mean.astype(np.float32),
+                       np.full(train.shape[1], pooled, dtype=np.float32))
         if kind in ("l2", "none"):
             return cls(kind)
-        raise ValueError(f"unknown feature_norm {kind!r}; valid: standardize, l2, none")
+        raise ValueError(f"unknown feature_norm {kind!r}; valid: standardize, center, l2, "
+                         "none")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """(N, D) float32 -> (N, D) float32 normalised (a new array)."""
-        if self.kind == "standardize":
+        if self.kind in ("standardize", "center"):
             return ((x - self.mean) / self.std).astype(np.float32)
         if self.kind == "l2":
             norms = np.linalg.norm(x, axis=1, keepdims=True)

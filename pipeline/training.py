@@ -9,11 +9,23 @@ the device and read once per epoch).
 Model selection uses the validation split only: after every `eval_every` epochs the raw
 and the EMA weights are scored with the mean-start DDIM trajectory under each readout
 rule, and the best (epoch, weights, readout) by validation accuracy is kept.
+
+Several processes (torchrun; `ddp`): every rank holds the whole train split and the same
+seeded generator, so every rank draws the same global permutation, targets, weights,
+timesteps and noise as a single process would, and then computes only its contiguous
+share of each global batch (global batch = train.batch_size, as with one process).
+DistributedDataParallel averages the gradients; each rank's loss is scaled by the world
+size, so the average is the gradient of the single-process loss. The agreement weights
+w_i = n_i / sum_j n_j are those of the global batch (drawn whole on every rank), and
+BatchNorm uses the global batch's statistics (`GlobalBatchNorm1d`). The result equals
+the single-process one up to floating-point summation order. Validation, EMA and model
+selection run on rank 0 only; the other ranks return an empty state_dict.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -24,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.config import TrainConfig
 from pipeline.diffusion import (alphas_cumprod, antithetic_timesteps, cosine_betas,
                                 ddim_timesteps, q_sample, readout)
@@ -92,13 +105,35 @@ def validation_accuracy(model: nn.Module, data: TrainData, *, abar: torch.Tensor
             for rule in rules}
 
 
-def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True
-                    ) -> TrainResult:
-    """Train with cfg and return the best validation checkpoint and per-epoch history."""
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP option that skips re-broadcasting rank 0's buffers before every forward: the
+    global BatchNorm already keeps them equal on every rank. (Recent torch renamed
+    `broadcast_buffers` to `forward_sync_buffers` and warns on the old name.)"""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {key: False}
+
+
+def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True,
+                    ddp: bool | None = None) -> TrainResult:
+    """Train with cfg and return the best validation checkpoint and per-epoch history.
+
+    ddp: train with DistributedDataParallel over the joined process group (see the module
+    docstring); None = when a process group of more than one rank is joined. Every rank
+    must call this with the same data and cfg. Off the main rank the result holds the
+    (global) loss history but no weights and no validation scores.
+    """
     device = data.features.device
     n, dim = data.features.shape
     if n < 2:
         raise ValueError(f"need at least 2 training samples, got {n}")
+    ctx = distributed.current()
+    if ddp is None:
+        ddp = ctx.enabled
+    if ddp and not ctx.enabled:
+        raise ValueError("ddp=True needs a joined process group of more than one rank "
+                         "(launch with torchrun)")
+    main = ctx.is_main or not ddp
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     spec = ModelSpec(num_classes=data.num_classes, feature_dim_in=dim, hidden=cfg.feature_dim,
@@ -107,6 +142,14 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True
     ema = copy.deepcopy(model)
     ema_floats = [v for v in ema.state_dict().values() if v.is_floating_point()]
     raw_floats = [v for v in model.state_dict().values() if v.is_floating_point()]
+    net: nn.Module = model
+    if ddp:
+        # Shares the parameters and buffers, so ema/raw_floats above stay valid.
+        model = distributed.convert_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index if device.index is not None
+                               else torch.cuda.current_device()]
+            if device.type == "cuda" else None, **_no_buffer_sync())
     # fused: one kernel for all parameters; the per-timestep gamma tables (T + 1 rows
     # each) outweigh the rest of the network, and a per-tensor Adam loop was 25 % slower.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
@@ -117,11 +160,14 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True
     n_batches = max(1, math.ceil(n / cfg.batch_size))
     if n // n_batches < 2:
         raise ValueError("batches of fewer than 2 samples: lower train.batch_size")
+    if ddp and n // n_batches < ctx.world_size:
+        raise ValueError(f"batches of {n // n_batches} samples cannot be split over "
+                         f"{ctx.world_size} processes: raise train.batch_size or use fewer")
 
     best = {"epoch": -1, "weights": "raw", "readout": rules[0], "val_accuracy": -1.0}
     best_state: dict[str, torch.Tensor] = {}
     history: list[dict] = []
-    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not progress)
+    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not (progress and main))
     for epoch in bar:
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -136,31 +182,41 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True
             y0 = F.one_hot(labels, data.num_classes).float()  # (B, C)
             t = antithetic_timesteps(len(idx), cfg.timesteps, generator=gen, device=device)
             eps = torch.randn(y0.shape, generator=gen, device=device)
-            pred = model(q_sample(y0, t, eps, abar), t, data.features[idx])  # (B, C)
+            if ddp:  # this rank's rows of the global batch (drawn whole above)
+                lo, hi = distributed.shard_range(len(idx), ctx.rank, ctx.world_size)
+                idx, y0, t, eps, weights = (idx[lo:hi], y0[lo:hi], t[lo:hi], eps[lo:hi],
+                                            weights[lo:hi])
+            pred = net(q_sample(y0, t, eps, abar), t, data.features[idx])  # (B, C)
             loss = (weights * (pred - eps).pow(2).mean(dim=1)).sum()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over ranks; the total loss is the sum of the ranks'.
+            (loss * ctx.world_size if ddp else loss).backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
             optimizer.step()
-            torch._foreach_lerp_(ema_floats, raw_floats, 1.0 - cfg.ema_decay)
+            if main:
+                torch._foreach_lerp_(ema_floats, raw_floats, 1.0 - cfg.ema_decay)
             loss_sum += loss.detach()
+
+        if ddp:
+            distributed.all_reduce_sum_(loss_sum, ctx)  # the global batches' loss
 
         row = {"epoch": epoch + 1, "loss": loss_sum.item() / n_batches,
                "lr": learning_rate(epoch + 1, cfg), "val_accuracy": None,
                "val_accuracy_ema": None}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            for name, net in (("raw", model), ("ema", ema)):
-                accs = validation_accuracy(net, data, abar=abar, timesteps=steps, rules=rules)
+        if main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            for name, scored in (("raw", model), ("ema", ema)):
+                accs = validation_accuracy(scored, data, abar=abar, timesteps=steps, rules=rules)
                 rule = max(rules, key=lambda r: accs[r])  # ties keep the first rule
                 row["val_accuracy" if name == "raw" else "val_accuracy_ema"] = accs[rule]
                 if accs[rule] > best["val_accuracy"]:
                     best = {"epoch": epoch + 1, "weights": name, "readout": rule,
                             "val_accuracy": accs[rule]}
                     best_state = {k: v.detach().to("cpu", copy=True)
-                                  for k, v in net.state_dict().items()}
+                                  for k, v in scored.state_dict().items()}
             bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{row['val_accuracy']:.3f}",
                             best=f"{best['val_accuracy']:.3f}")
         history.append(row)
-    log.info("best validation accuracy %.4f at epoch %d (%s weights, %s readout)",
-             best["val_accuracy"], best["epoch"], best["weights"], best["readout"])
+    if main:
+        log.info("best validation accuracy %.4f at epoch %d (%s weights, %s readout)",
+                 best["val_accuracy"], best["epoch"], best["weights"], best["readout"])
     return TrainResult(spec=spec, state_dict=best_state, best=best, history=history)

@@ -1,5 +1,5 @@
 """`python -m stages <command>`: the same app as the `lra` console script."""
 
-from stages.cli import main
+from stages.launch import main
 
 main()

@@ -30,6 +30,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps `lra` a command group even when only one command is loaded (stages.launch
+    imports only the command it runs; a one-command Typer app would swallow its name)."""
+
+
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
 DeviceOption = Annotated[str, typer.Option(
     "--device", envvar="LRA_DEVICE",

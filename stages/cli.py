@@ -1,10 +1,8 @@
-"""The `lra` console script: one Typer app, one command per DVC stage."""
+"""The whole `lra` app with every command registered (tests and Python callers import
+it; the console script, stages.launch, loads only the command it runs)."""
 
 from __future__ import annotations
 
 from stages import embed, evaluate, index, noise, prepare, preset, retrieve, train  # noqa: F401
-from stages.app import app
+from stages.app import app  # noqa: F401
 
-
-def main() -> None:
-    app()

@@ -9,7 +9,6 @@ import numpy as np
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.config import as_dict
 from pipeline.errors import ConfigError
-from pipeline.linear import fit_linear
 from pipeline.noise import make_noisy_labels, needs_probe, observed_rate
 from pipeline.tables import (UNKNOWN, check_same_samples, read_embeddings, read_prepared,
                              write_labels)
@@ -40,6 +39,9 @@ def noise(params: ParamsOption = Path("params.yaml"),
             probs = None
             if needs_probe(cfg):
                 # PMD margins come from a probe trained on clean train labels (METHOD.md s8).
+                # Imported here: only PMD needs torch, and importing it costs seconds.
+                from pipeline.linear import fit_linear
+
                 emb = read_embeddings(embeddings)
                 check_same_samples(emb.sample_id, sample_id, "embeddings", "prepared table")
                 # fit_linear's defaults, deliberately not evaluate.*: changing an evaluation

@@ -1,22 +1,30 @@
-"""`lra train`: embeddings + retrieved labels -> data/model/ (checkpoint, log, metrics)."""
+"""`lra train`: embeddings + retrieved labels -> data/model/ (checkpoint, log, metrics).
+
+Under torchrun (or `--nproc N`) every rank loads the same tables and trains with
+DistributedDataParallel on its share of each global batch; rank 0 validates and writes
+(pipeline.training, docs/distributed.md).
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
+import typer
 
+from pipeline import distributed
 from pipeline.artifacts import StageWriter, write_csv, write_json
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import as_dict
+from pipeline.config import Params, as_dict
 from pipeline.errors import ArtifactError
 from pipeline.features import FeatureNormalizer
 from pipeline.tables import (UNKNOWN, check_same_samples, read_embeddings, read_labels,
                              read_retrieval)
 from pipeline.training import TrainData, train_diffusion
-from stages.app import (DeviceOption, ParamsOption, ProgressOption, ThreadsOption, app,
-                        resolve_device, set_threads, stage)
+from stages.app import (DeviceOption, NprocOption, ParamsOption, ProgressOption,
+                        ThreadsOption, app, resolve_device, set_threads, stage)
 
 
 @app.command()
@@ -25,44 +33,64 @@ def train(params: ParamsOption = Path("params.yaml"),
           labels: Path = Path("data/labels/labels.parquet"),
           retrieval: Path = Path("data/retrieval/neighbours.parquet"),
           out_dir: Path = Path("data/model"), device: DeviceOption = "auto",
-          threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
+          threads: ThreadsOption = 0, progress: ProgressOption = True,
+          nproc: NprocOption = 1) -> None:
     """Train the diffusion classifier; keep the best validation epoch."""
     with stage("train", params) as p:
-        set_threads(threads)
-        dev = resolve_device(device)
-        emb = read_embeddings(embeddings)
-        lab = read_labels(labels)
-        ret = read_retrieval(retrieval)
-        check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
-        check_same_samples(emb.sample_id, ret.sample_id, "embeddings", "retrieval table")
-        train_rows, val_rows = emb.rows("train"), emb.rows("val")
-        if len(val_rows) == 0:
-            raise ArtifactError("no validation split: model selection needs one "
-                                "(set data.val_fraction or use a source with a val split)")
-        # Selection uses clean validation labels where known (CIFAR protocol), else the
-        # observed ones (real-noise datasets without a clean val split).
-        val_truth = np.where(lab.clean[val_rows] != UNKNOWN, lab.clean[val_rows],
-                             lab.observed[val_rows])
-        norm = FeatureNormalizer.fit(emb.vectors[train_rows], p.train.feature_norm)
-        feats = torch.from_numpy(norm.apply(emb.vectors))
-        data = TrainData(features=feats[train_rows].to(dev),
-                         candidates=torch.from_numpy(ret.candidates[train_rows]).to(dev),
-                         val_features=feats[val_rows].to(dev),
-                         val_labels=torch.from_numpy(val_truth).to(dev),
-                         num_classes=lab.num_classes)
-        result = train_diffusion(data, p.train, progress=progress)
-        info = {**result.best, "train_config": as_dict(p.train), "k": ret.k,
-                "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model"),
-                "val_labels": "clean" if (lab.clean[val_rows] != UNKNOWN).all() else "observed"}
-        with StageWriter() as out:
-            save_checkpoint(out.path(out_dir / "model.pt"), spec=result.spec,
-                            state_dict=result.state_dict, normalizer=norm,
-                            ddim_steps=p.train.ddim_steps, readout=result.best["readout"],
-                            info=info)
-            write_csv(result.history, out.path(out_dir / "train_log.csv"))
-            write_json({"best_epoch": result.best["epoch"],
-                        "best_val_accuracy": result.best["val_accuracy"],
-                        "best_weights": result.best["weights"],
-                        "readout": result.best["readout"],
-                        "final_loss": result.history[-1]["loss"]},
-                       out.path(out_dir / "train.json"))
+        if nproc > 1 and not distributed.launched():
+            raise typer.Exit(distributed.relaunch(nproc, [
+                "train", "--params", str(params), "--embeddings", str(embeddings),
+                "--labels", str(labels), "--retrieval", str(retrieval), "--out-dir",
+                str(out_dir), "--device", device, "--threads", str(threads),
+                "--progress" if progress else "--no-progress"]))
+        ctx = distributed.env_context()
+        if not ctx.is_main:  # one rank speaks
+            logging.getLogger().setLevel(logging.WARNING)
+        dev = distributed.rank_device(resolve_device(device), ctx)
+        with distributed.session(device=dev) as ctx:
+            _train(p, embeddings=embeddings, labels=labels, retrieval=retrieval,
+                   out_dir=out_dir, dev=dev, threads=threads, progress=progress, ctx=ctx)
+
+
+def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_dir: Path,
+           dev: str, threads: int, progress: bool, ctx: distributed.DistContext) -> None:
+    """The stage body on one rank; only rank 0 writes."""
+    set_threads(threads)
+    emb = read_embeddings(embeddings)
+    lab = read_labels(labels)
+    ret = read_retrieval(retrieval)
+    check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
+    check_same_samples(emb.sample_id, ret.sample_id, "embeddings", "retrieval table")
+    train_rows, val_rows = emb.rows("train"), emb.rows("val")
+    if len(val_rows) == 0:
+        raise ArtifactError("no validation split: model selection needs one "
+                            "(set data.val_fraction or use a source with a val split)")
+    # Selection uses clean validation labels where known (CIFAR protocol), else the
+    # observed ones (real-noise datasets without a clean val split).
+    val_truth = np.where(lab.clean[val_rows] != UNKNOWN, lab.clean[val_rows],
+                         lab.observed[val_rows])
+    norm = FeatureNormalizer.fit(emb.vectors[train_rows], p.train.feature_norm)
+    feats = torch.from_numpy(norm.apply(emb.vectors))
+    data = TrainData(features=feats[train_rows].to(dev),
+                     candidates=torch.from_numpy(ret.candidates[train_rows]).to(dev),
+                     val_features=feats[val_rows].to(dev),
+                     val_labels=torch.from_numpy(val_truth).to(dev),
+                     num_classes=lab.num_classes)
+    result = train_diffusion(data, p.train, progress=progress)
+    if not ctx.is_main:
+        return
+    info = {**result.best, "train_config": as_dict(p.train), "k": ret.k,
+            "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model"),
+            "val_labels": "clean" if (lab.clean[val_rows] != UNKNOWN).all() else "observed"}
+    with StageWriter() as out:
+        save_checkpoint(out.path(out_dir / "model.pt"), spec=result.spec,
+                        state_dict=result.state_dict, normalizer=norm,
+                        ddim_steps=p.train.ddim_steps, readout=result.best["readout"],
+                        info=info)
+        write_csv(result.history, out.path(out_dir / "train_log.csv"))
+        write_json({"best_epoch": result.best["epoch"],
+                    "best_val_accuracy": result.best["val_accuracy"],
+                    "best_weights": result.best["weights"],
+                    "readout": result.best["readout"],
+                    "final_loss": result.history[-1]["loss"]},
+                   out.path(out_dir / "train.json"))

@@ -40,6 +40,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,10 +503,41 @@ class OpenClipEncoder:
         return model, preprocess_val
 
     # ---- encoding
+    per_image = True  # eval mode, no batch statistics: a row's features are its image's
+
+    def fingerprint(self, runtime: RuntimeOptions) -> dict:
+        """What decides the numbers besides the images (the chunk cache's key): weights,
+        device type (and GPU model: CUDA runs autocast), batch size (batched kernels may
+        round differently), torch and open_clip versions."""
+        import torch
+        from open_clip.version import __version__
+
+        dev = _device(runtime.device)
+        out: dict[str, Any] = {"encoder": "open_clip", "model": self.model_name,
+                               "pretrained": self.pretrained, "device": dev.type,
+                               "batch_size": runtime.batch_size, "torch": torch.__version__,
+                               "open_clip": __version__}
+        if dev.type == "cuda":
+            out["gpu"] = torch.cuda.get_device_name(dev)
+        if self.pretrained and os.path.isfile(self.pretrained):
+            st = os.stat(self.pretrained)
+            out["pretrained_file"] = [st.st_size, st.st_mtime_ns]
+        return out
+
     def encode(self, table: pa.Table, *, root: str | None, runtime: RuntimeOptions
                ) -> np.ndarray:
         """table: prepared table (image bytes or path per row). Returns (N, D) float32,
         C-contiguous, row order = table order; raw (unnormalised) image features."""
+        (out,) = self.encode_ranges(table, [(0, table.num_rows)], root=root, runtime=runtime)
+        return out
+
+    def encode_ranges(self, table: pa.Table, ranges: Sequence[tuple[int, int]], *,
+                      root: str | None, runtime: RuntimeOptions) -> Iterator[np.ndarray]:
+        """Yield (stop - start, D) float32 C-contiguous features of each row range
+        [start, stop) of `table`, in the order given, from one DataLoader (workers and
+        model stay up across ranges). Batches never straddle two ranges: a range is cut
+        into batches from its own start, so ranges starting at multiples of batch_size
+        give the same batches, hence the same numbers, as one whole-table pass."""
         import torch
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
@@ -518,52 +550,67 @@ class OpenClipEncoder:
         model, device = self._model, self._device
         cuda = device.type == "cuda"
         n = table.num_rows
-        out = np.empty((n, self._dim), dtype=np.float32)  # (N, D)
-        if n == 0:
-            return out
+        ranges = [(int(a), int(b)) for a, b in ranges]
+        for a, b in ranges:
+            if not 0 <= a <= b <= n:
+                raise ValueError(f"row range [{a}, {b}) outside the table's {n} rows")
+        total = sum(b - a for a, b in ranges)
+        if total == 0:
+            for a, b in ranges:
+                yield np.empty((b - a, self._dim), dtype=np.float32)
+            return
 
         images = table.column("image").to_pylist()
         paths = table.column("path").to_pylist()
+        bs = runtime.batch_size
+        batches = [list(range(s, min(s + bs, b))) for a, b in ranges for s in range(a, b, bs)]
         loader = DataLoader(_RowImages(images, paths, root, self._transform),
-                            batch_size=runtime.batch_size, shuffle=False,
-                            num_workers=runtime.workers, collate_fn=_collate,
-                            pin_memory=cuda)
+                            batch_sampler=batches, num_workers=runtime.workers,
+                            collate_fn=_collate, pin_memory=cuda)
         dtype = torch.bfloat16 if self._precision == "amp_bf16" else torch.float16
 
         def autocast() -> Any:  # fp32 on CPU: bf16 autocast there moves features
             return torch.autocast("cuda", dtype=dtype) if cuda else contextlib.nullcontext()
 
         start = time.perf_counter()
-        done = 0
-        with torch.inference_mode(), tqdm(total=n, unit="img", desc=f"embed {self.model_name}",
-                                          file=sys.stderr, disable=not runtime.progress,
-                                          dynamic_ncols=True) as bar:
-            for index, batch, errors in loader:
-                if errors:
-                    i, err = errors[0]
-                    where = paths[i] if paths[i] is not None else "image bytes"
-                    sid = table.column("sample_id")[i].as_py() if "sample_id" in \
-                        table.column_names else i
-                    raise ArtifactError(f"cannot decode image of sample_id {sid} ({where}): "
-                                        f"{err}" + (f" (+{len(errors) - 1} more in this batch)"
-                                                    if len(errors) > 1 else ""))
-                assert int(index[0]) == done, "DataLoader broke row order"
-                x = batch.to(device, non_blocking=cuda)  # (B, 3, H, W)
-                with autocast():
-                    feats = model.encode_image(x, normalize=False)  # (B, D)
-                out[done:done + len(index)] = feats.float().cpu().numpy()
-                done += len(index)
-                bar.update(len(index))
+        batch_iter = iter(loader)
+        with tqdm(total=total, unit="img", desc=f"embed {self.model_name}", file=sys.stderr,
+                  disable=not runtime.progress, dynamic_ncols=True) as bar:
+            for a, b in ranges:
+                out = np.empty((b - a, self._dim), dtype=np.float32)  # (rows, D)
+                done = a
+                while done < b:
+                    index, batch, errors = next(batch_iter)
+                    if errors:
+                        i, err = errors[0]
+                        where = paths[i] if paths[i] is not None else "image bytes"
+                        sid = table.column("sample_id")[i].as_py() if "sample_id" in \
+                            table.column_names else i
+                        raise ArtifactError(
+                            f"cannot decode image of sample_id {sid} ({where}): {err}"
+                            + (f" (+{len(errors) - 1} more in this batch)"
+                               if len(errors) > 1 else ""))
+                    assert int(index[0]) == done, "DataLoader broke row order"
+                    # Inference mode per batch, not around the yields: the caller's code
+                    # between chunks must not run under it.
+                    with torch.inference_mode():
+                        x = batch.to(device, non_blocking=cuda)  # (B, 3, H, W)
+                        with autocast():
+                            feats = model.encode_image(x, normalize=False)  # (B, D)
+                        out[done - a:done - a + len(index)] = feats.float().cpu().numpy()
+                    done += len(index)
+                    bar.update(len(index))
+                bad = ~np.isfinite(out).all(axis=1)
+                if bad.any():
+                    where = "" if (a, b) == (0, n) else f" (rows {a}..{b - 1})"
+                    raise ArtifactError(f"open_clip {self.model_name}: {int(bad.sum())} of "
+                                        f"{b - a} embeddings{where} are not finite "
+                                        f"(precision {self._precision}); try device cpu")
+                yield out
         elapsed = time.perf_counter() - start
         log.info("open_clip %s: embedded %d images in %.1f s (%.1f images/s, %s, %s, "
-                 "batch %d, %d workers)", self.model_name, n, elapsed, n / max(elapsed, 1e-9),
-                 device, self._precision, runtime.batch_size, runtime.workers)
-        bad = ~np.isfinite(out).all(axis=1)
-        if bad.any():
-            raise ArtifactError(f"open_clip {self.model_name}: {int(bad.sum())} of {n} "
-                                f"embeddings are not finite (precision {self._precision}); "
-                                f"try device cpu")
-        return out
+                 "batch %d, %d workers)", self.model_name, total, elapsed,
+                 total / max(elapsed, 1e-9), device, self._precision, bs, runtime.workers)
 
     def provenance(self) -> dict:
         """encoder, model, pretrained, dim, normalised (False), precision, image_size,

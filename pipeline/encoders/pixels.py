@@ -22,8 +22,14 @@ class PixelEncoder:
     """Flatten each image to H*W*channels floats in [0, 1] (uint8 / 255). Stateless, so no
     split's statistics leak into another's. All images must share one size and mode."""
 
+    per_image = True  # a row's vector is its own pixels: any slice encodes on its own
+
     def __init__(self) -> None:
         self._dim: int | None = None
+
+    def fingerprint(self, runtime: RuntimeOptions) -> dict:
+        """What decides the numbers besides the images: nothing (exact on any device)."""
+        return {"encoder": "pixels"}
 
     def encode(self, table: pa.Table, *, root: str | None, runtime: RuntimeOptions
                ) -> np.ndarray:

@@ -1,0 +1,450 @@
+"""The `lra` CLI: every stage command on real artifacts of a reduced pipeline run.
+
+Bad input gives one line on stderr, never a traceback, and the documented exit code:
+2 for usage errors (bad option, failed validator, bad params value), 1 for domain errors
+(missing, mismatched or corrupt upstream artifact). A failing stage writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import (
+    ARTIFACTS,
+    REPO,
+    STAGES,
+    VENV_BIN,
+    assert_one_line_error,
+    deep_merge,
+    hashes,
+    invoke,
+    run,
+    sha256,
+    stage_args,
+    temp_leftovers,
+    write_params,
+)
+
+from pipeline.config import ENCODERS, NOISE_KINDS, SOURCES
+
+STAGE_OUTS = {
+    "prepare": ("samples", "rejects", "summary"),
+    "embed": ("embeddings",),
+    "index": ("index", "index_json"),
+    "noise": ("labels", "noise_json"),
+    "retrieve": ("neighbours", "retrieval_json"),
+    "train": ("model", "train_json", "train_log"),
+    "evaluate": ("predictions", "metrics", "confusion"),
+}
+
+
+def clear_outputs(run_, stage: str) -> None:
+    for name in STAGE_OUTS[stage]:
+        run_.path(name).unlink(missing_ok=True)
+
+
+def assert_nothing_written(run_, stage: str) -> None:
+    for name in STAGE_OUTS[stage]:
+        assert not run_.path(name).exists(), f"{stage} wrote {ARTIFACTS[name]}"
+        assert temp_leftovers(run_.path(name).parent) == []
+
+
+def bad_params(run_, tmp_path, **sections):
+    """A params file: the run's params with `sections` merged in."""
+    return write_params(tmp_path / "bad_params.yaml", deep_merge(run_.params, sections))
+
+
+def n_train(run_) -> int:
+    return json.loads(run_.path("summary").read_text())["splits"]["train"]
+
+
+def rewrite_embeddings(run_, vectors: np.ndarray) -> None:
+    """Replace the run's embeddings (same samples and splits) with `vectors` (N, D')."""
+    from pipeline.tables import read_embeddings, write_embeddings
+
+    emb = read_embeddings(run_.path("embeddings"))
+    write_embeddings(run_.path("embeddings"), sample_id=emb.sample_id, split=emb.split,
+                     vectors=vectors.astype(np.float32),
+                     provenance={k: v for k, v in emb.meta.items() if k != "dim"})
+
+
+def rewrite_observed_labels(run_, observed: np.ndarray) -> None:
+    from pipeline.artifacts import read_metadata
+    from pipeline.tables import UNKNOWN, write_labels
+
+    path = run_.path("labels")
+    table = pq.read_table(path)
+    write_labels(path, sample_id=table["sample_id"].to_numpy(),
+                 split=np.asarray(table["split"].to_pylist(), dtype=object),
+                 clean=table["clean_label"].fill_null(UNKNOWN).to_numpy(), observed=observed,
+                 metadata=read_metadata(table.schema))
+
+
+def observed_labels(run_) -> np.ndarray:
+    return pq.read_table(run_.path("labels"))["observed_label"].to_numpy().copy()
+
+
+# --------------------------------------------------------------------------- the app
+def test_help_lists_every_stage_command():
+    result = invoke(["--help"])
+    assert result.exit_code == 0, result.output
+    for name in STAGES:
+        assert re.search(rf"^\W*{name}\s{{2,}}\S", result.stdout, re.M), (name, result.stdout)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_help_documents_params_option(stage):
+    result = invoke([stage, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--params" in result.stdout
+
+
+def test_python_m_stages_help():
+    proc = run([sys.executable, "-m", "stages", "--help"], REPO)
+    for name in STAGES:
+        assert re.search(rf"^\W*{name}\s{{2,}}\S", proc.stdout, re.M), (name, proc.stdout)
+    assert "Traceback" not in proc.stderr
+
+
+def test_console_script_domain_error_is_one_line(tmp_path, pipeline_run):
+    """The installed `lra` script, as DVC runs it: exit 1, one stderr line, no output."""
+    missing = tmp_path / "missing.parquet"
+    proc = run([str(VENV_BIN / "lra"), "index", "--params", str(pipeline_run.params_path),
+                "--embeddings", str(missing), "--out-dir", str(tmp_path / "out")],
+               tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert_one_line_error(proc.stderr, "index", "missing embeddings", str(missing))
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- a good run
+def test_pipeline_run_publishes_every_artifact_and_no_temporaries(pipeline_run):
+    for name in ARTIFACTS:
+        assert pipeline_run.path(name).is_file(), ARTIFACTS[name]
+    assert temp_leftovers(pipeline_run.root / "data") == []
+    metrics = json.loads(pipeline_run.path("metrics").read_text())
+    assert set(metrics["test_accuracy"]) >= {"lra_diffusion", "knn_vote", "noisy_linear",
+                                              "clean_linear"}
+    for value in metrics["test_accuracy"].values():
+        assert 0.0 <= value <= 1.0
+    # 40 % symmetric noise on the train split, measured against the clean labels.
+    assert metrics["noise"]["observed_rate"] == pytest.approx(0.4, abs=0.03)
+    # Pixel-space neighbours recover most clean digit labels despite the noise.
+    assert metrics["test_accuracy"]["knn_vote"] > 0.8
+    schema = pq.read_schema(pipeline_run.path("embeddings"))
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    index_info = json.loads(pipeline_run.path("index_json").read_text())
+    assert index_info["dim"] == 64 and index_info["vectors"] == n_train(pipeline_run)
+
+
+def test_rerun_writes_byte_identical_outputs(run_copy, pipeline_run):
+    """Deterministic stages: rerunning with unchanged inputs reproduces every byte."""
+    names = [n for s in ("noise", "retrieve", "train") for n in STAGE_OUTS[s]]
+    for stage in ("noise", "retrieve", "train"):
+        clear_outputs(run_copy, stage)
+        result = invoke(stage_args(stage, run_copy.root, run_copy.params_path))
+        assert result.exit_code == 0, (stage, result.stderr)
+    assert hashes(run_copy.root, [ARTIFACTS[n] for n in names]) == \
+        hashes(pipeline_run.root, [ARTIFACTS[n] for n in names])
+
+
+# --------------------------------------------------------------------------- usage errors
+def test_unknown_option_is_a_usage_error(tmp_path):
+    result = invoke(["prepare", "--bogus", "--out-dir", tmp_path / "out"])
+    assert result.exit_code == 2
+    assert "No such option" in result.stderr and "--bogus" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_command_is_a_usage_error():
+    result = invoke(["bogus"])
+    assert result.exit_code == 2
+    assert "No such command" in result.stderr
+
+
+@pytest.mark.parametrize("stage, option", [
+    ("embed", ["--batch-size", "0"]),
+    ("embed", ["--workers", "-1"]),
+    ("index", ["--threads", "-1"]),
+    ("evaluate", ["--chunk-rows", "0"]),
+    ("train", ["--threads", "many"]),
+])
+def test_failed_option_validator_is_a_usage_error(run_copy, stage, option):
+    clear_outputs(run_copy, stage)
+    result = invoke([*stage_args(stage, run_copy.root, run_copy.params_path), *option])
+    assert result.exit_code == 2, result.output
+    assert option[0] in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_written(run_copy, stage)
+
+
+@pytest.mark.parametrize("value, exit_code", [("0", 1), ("false", 1), ("bogus", 2)])
+def test_progress_env_var_is_read_as_a_bool(tmp_path, pipeline_run, value, exit_code):
+    """LRA_PROGRESS=0 (as conftest sets it) is a valid off; junk is a usage error. The
+    valid values get as far as the missing input (exit 1)."""
+    result = invoke(["embed", "--params", pipeline_run.params_path,
+                     "--prepared", tmp_path / "missing.parquet", "--out", tmp_path / "e.parquet"],
+                    env={"LRA_PROGRESS": value})
+    assert result.exit_code == exit_code, result.output
+    if exit_code == 2:
+        assert "LRA_PROGRESS" in result.stderr
+    assert not (tmp_path / "e.parquet").exists()
+
+
+def test_unknown_device_is_a_usage_error(run_copy):
+    clear_outputs(run_copy, "train")
+    result = invoke([*stage_args("train", run_copy.root, run_copy.params_path),
+                     "--device", "tpu"])
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "train", "'tpu'", "auto", "cpu", "cuda")
+    assert_nothing_written(run_copy, "train")
+
+
+def test_cuda_device_without_cuda_is_a_usage_error(run_copy):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    clear_outputs(run_copy, "evaluate")
+    result = invoke([*stage_args("evaluate", run_copy.root, run_copy.params_path),
+                     "--device", "cuda"])
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "evaluate", "CUDA is not available")
+    assert_nothing_written(run_copy, "evaluate")
+
+
+@pytest.mark.parametrize("stage, sections, needles", [
+    ("prepare", {"data": {"source": "mnist"}}, ("data.source", "'mnist'", *SOURCES)),
+    ("embed", {"embed": {"encoder": "resnet"}}, ("embed.encoder", "'resnet'", *ENCODERS)),
+    ("noise", {"noise": {"kind": "gaussian"}}, ("noise.kind", "'gaussian'", *NOISE_KINDS)),
+    ("noise", {"noise": {"rate": 1.0}}, ("noise.rate", "1.0", "[0, 1)")),
+    ("noise", {"noise": {"rate": -0.1}}, ("noise.rate", "-0.1", "[0, 1)")),
+    ("retrieve", {"retrieve": {"k": 0}}, ("retrieve.k", "0", ">= 1")),
+    ("train", {"train": {"epochs": "four"}}, ("train.epochs", "'four'", "int")),
+    ("train", {"train": {"bogus": 1}}, ("train", "unknown key", "bogus", "epochs")),
+    ("evaluate", {"extra": {"x": 1}}, ("unknown section", "extra", "evaluate")),
+    ("index", {"index": {"factory": "NotAnIndex"}}, ("index.factory", "'NotAnIndex'")),
+], ids=["source", "encoder", "noise-kind", "rate-1", "rate-negative", "k-0", "type",
+        "unknown-key", "unknown-section", "faiss-factory"])
+def test_bad_params_value_is_a_usage_error(run_copy, tmp_path, stage, sections, needles):
+    """Inputs are valid, so a missed check would run the stage and write its outputs."""
+    params = bad_params(run_copy, tmp_path, **sections)
+    clear_outputs(run_copy, stage)
+    result = invoke(stage_args(stage, run_copy.root, params))
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result.stderr, stage, *needles)
+    assert_nothing_written(run_copy, stage)
+
+
+def test_missing_or_invalid_params_file_is_a_usage_error(run_copy, tmp_path):
+    clear_outputs(run_copy, "prepare")
+    result = invoke(stage_args("prepare", run_copy.root, tmp_path / "nope.yaml"))
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "prepare", "params file not found", "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    result = invoke(stage_args("prepare", run_copy.root, broken))
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "prepare", "not valid YAML")
+    assert_nothing_written(run_copy, "prepare")
+
+
+def test_k_not_below_train_split_size_is_a_usage_error(run_copy, tmp_path):
+    """retrieve.k >= train-split size: the data are fine, the params value is not (fixed
+    by editing params.yaml), so it is a usage error, exit 2, like k < 1."""
+    n = n_train(run_copy)
+    params = bad_params(run_copy, tmp_path, retrieve={"k": n})
+    clear_outputs(run_copy, "retrieve")
+    result = invoke(stage_args("retrieve", run_copy.root, params))
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "retrieve", "retrieve.k", str(n))
+    assert_nothing_written(run_copy, "retrieve")
+
+
+# --------------------------------------------------------------------------- domain errors
+@pytest.mark.parametrize("stage, missing", [
+    ("embed", "samples"), ("index", "embeddings"), ("noise", "samples"),
+    ("retrieve", "index"), ("retrieve", "labels"), ("train", "neighbours"),
+    ("train", "embeddings"), ("evaluate", "model"), ("evaluate", "labels"),
+])
+def test_missing_upstream_artifact_is_a_domain_error(run_copy, stage, missing):
+    run_copy.path(missing).unlink()
+    clear_outputs(run_copy, stage)
+    result = invoke(stage_args(stage, run_copy.root, run_copy.params_path))
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, stage, "missing", str(run_copy.path(missing)))
+    assert_nothing_written(run_copy, stage)
+
+
+def test_index_of_another_dimension_is_a_domain_error(run_copy):
+    """The index holds D=64 pixel vectors; embeddings of D=32 cannot be searched in it."""
+    from pipeline.tables import read_embeddings
+
+    n = len(read_embeddings(run_copy.path("embeddings")).sample_id)
+    rewrite_embeddings(run_copy, np.random.default_rng(0).normal(size=(n, 32)))
+    clear_outputs(run_copy, "retrieve")
+    result = invoke(stage_args("retrieve", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, "retrieve", "dimension", "32", "64")
+    assert_nothing_written(run_copy, "retrieve")
+
+
+def test_model_of_another_dimension_is_a_domain_error(run_copy):
+    from pipeline.tables import read_embeddings
+
+    n = len(read_embeddings(run_copy.path("embeddings")).sample_id)
+    rewrite_embeddings(run_copy, np.random.default_rng(1).normal(size=(n, 32)))
+    clear_outputs(run_copy, "evaluate")
+    result = invoke(stage_args("evaluate", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, "evaluate", "64-d", "32-d")
+    assert_nothing_written(run_copy, "evaluate")
+
+
+def test_stale_index_is_a_domain_error(run_copy):
+    """An index over another train split (here: half of it) is a mismatched artifact."""
+    from pipeline.index import build_index, save_index
+    from pipeline.tables import read_embeddings
+
+    emb = read_embeddings(run_copy.path("embeddings"))
+    half = emb.rows("train")[: len(emb.rows("train")) // 2]
+    save_index(build_index(emb.vectors[half], emb.sample_id[half], factory="Flat"),
+               run_copy.path("index"))
+    clear_outputs(run_copy, "retrieve")
+    result = invoke(stage_args("retrieve", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, "retrieve", str(len(half)), "rerun `lra index`")
+    assert_nothing_written(run_copy, "retrieve")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_embeddings_are_a_domain_error(run_copy, bad):
+    from pipeline.tables import read_embeddings
+
+    vectors = read_embeddings(run_copy.path("embeddings")).vectors.copy()
+    vectors[7, 3] = bad
+    rewrite_embeddings(run_copy, vectors)
+    clear_outputs(run_copy, "index")
+    result = invoke(stage_args("index", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, "index", "NaN or infinite", "sample_id 7")
+    assert_nothing_written(run_copy, "index")
+
+
+@pytest.mark.parametrize("stage, label", [("retrieve", 10), ("train", -2), ("evaluate", 99)])
+def test_labels_outside_class_range_are_a_domain_error(run_copy, stage, label):
+    observed = observed_labels(run_copy)
+    observed[5] = label
+    rewrite_observed_labels(run_copy, observed)
+    clear_outputs(run_copy, stage)
+    result = invoke(stage_args(stage, run_copy.root, run_copy.params_path))
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, stage, "observed_label", "outside [0, 10)", str(label))
+    assert_nothing_written(run_copy, stage)
+
+
+def test_tables_of_different_samples_are_a_domain_error(run_copy):
+    labels = pq.read_table(run_copy.path("labels"))
+    pq.write_table(labels.slice(0, labels.num_rows - 1), run_copy.path("labels"))
+    # pq.write_table drops nothing of the metadata, so only the row count differs.
+    clear_outputs(run_copy, "train")
+    result = invoke(stage_args("train", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, "train", "different samples")
+    assert_nothing_written(run_copy, "train")
+
+
+def test_wrong_embedding_column_type_is_a_domain_error(run_copy):
+    table = pq.read_table(run_copy.path("embeddings"))
+    as_double = table["embedding"].cast(pa.list_(pa.float64(), 64))
+    pq.write_table(table.set_column(2, "embedding", as_double), run_copy.path("embeddings"))
+    clear_outputs(run_copy, "index")
+    result = invoke(stage_args("index", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, "index", "fixed_size_list<float32>")
+    assert_nothing_written(run_copy, "index")
+
+
+@pytest.mark.parametrize("stage, corrupt", [
+    ("retrieve", "embeddings"), ("retrieve", "index"), ("evaluate", "model")])
+def test_corrupt_artifact_is_a_domain_error(run_copy, stage, corrupt):
+    run_copy.path(corrupt).write_bytes(b"not what you expect\n" * 8)
+    clear_outputs(run_copy, stage)
+    result = invoke(stage_args(stage, run_copy.root, run_copy.params_path))
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, stage, str(run_copy.path(corrupt)))
+    assert_nothing_written(run_copy, stage)
+
+
+# --------------------------------------------------------------------------- crashes
+def test_interrupt_mid_write_keeps_previous_outputs(run_copy, monkeypatch):
+    """Ctrl-C after some outputs were written to temporaries: exit 130, the previous
+    outputs stay byte for byte, and the temporaries are gone."""
+    import stages.evaluate
+
+    out_dir = run_copy.path("metrics").parent
+    before = hashes(run_copy.root, [ARTIFACTS[n] for n in STAGE_OUTS["evaluate"]])
+    pending: list[str] = []
+
+    def interrupted(rows, path):
+        pending.extend(temp_leftovers(out_dir))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.evaluate, "write_csv", interrupted)
+    result = invoke(stage_args("evaluate", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1] == \
+        "lra evaluate: interrupted; no output was published"
+    assert "Traceback" not in result.stderr
+    assert len(pending) >= 2  # metrics and predictions were complete, in temporaries
+    assert hashes(run_copy.root, [ARTIFACTS[n] for n in STAGE_OUTS["evaluate"]]) == before
+    assert temp_leftovers(out_dir) == []
+
+
+def test_crash_mid_write_publishes_nothing(run_copy, monkeypatch):
+    import stages.noise
+
+    def disk_full(data, path):
+        raise OSError(28, "No space left on device")
+
+    clear_outputs(run_copy, "noise")
+    monkeypatch.setattr(stages.noise, "write_json", disk_full)
+    result = invoke(stage_args("noise", run_copy.root, run_copy.params_path))
+    assert result.exit_code != 0
+    assert isinstance(result.exception, OSError)
+    assert_nothing_written(run_copy, "noise")  # labels.parquet was written, not published
+
+
+def test_failed_stage_leaves_other_artifacts_untouched(run_copy, tmp_path):
+    """A failing stage touches neither its own previous outputs nor anything else."""
+    before = {p: sha256(run_copy.root / p) for p in ARTIFACTS.values()}
+    params = bad_params(run_copy, tmp_path, retrieve={"k": n_train(run_copy) + 5})
+    result = invoke(stage_args("retrieve", run_copy.root, params))
+    assert result.exit_code == 2
+    assert {p: sha256(run_copy.root / p) for p in ARTIFACTS.values()} == before
+    assert temp_leftovers(run_copy.root / "data") == []
+
+
+def test_outputs_are_readable_by_stage_readers(pipeline_run):
+    """What one stage publishes, the next one's reader accepts (schema round trip)."""
+    from pipeline.tables import read_embeddings, read_labels, read_retrieval
+
+    emb = read_embeddings(pipeline_run.path("embeddings"))
+    lab = read_labels(pipeline_run.path("labels"))
+    ret = read_retrieval(pipeline_run.path("neighbours"))
+    assert np.array_equal(emb.sample_id, lab.sample_id)
+    assert np.array_equal(emb.sample_id, ret.sample_id)
+    k = pipeline_run.params["retrieve"]["k"]
+    assert ret.k == k and ret.candidates.shape == (len(emb.sample_id), k + 1)
+    train = emb.rows("train")
+    assert (ret.candidates[train, 0] == lab.observed[train]).all()  # own label first
+    assert not np.isin(ret.neighbour_ids, emb.sample_id[emb.split != "train"]).any()
+    assert not (ret.neighbour_ids == emb.sample_id[:, None]).any()  # never itself

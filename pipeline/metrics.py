@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-UNKNOWN = -1
+from pipeline.tables import UNKNOWN
 
 
 def accuracy_by_split(predicted: dict[str, np.ndarray], *, truth: np.ndarray,

@@ -131,10 +131,6 @@ class Labels:
     num_classes: int
     meta: dict[str, Any]
 
-    def truth(self) -> np.ndarray:
-        """The best-known true label: clean where known, else UNKNOWN. (N,) int64."""
-        return self.clean
-
 
 def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
                  clean: np.ndarray, observed: np.ndarray, metadata: dict[str, Any]) -> None:

@@ -13,7 +13,6 @@ os.environ["LRA_PROGRESS"] = "0"  # Typer reads it as a bool: "0" / "false" mean
 os.environ["LRA_THREADS"] = "1"
 os.environ.setdefault("LRA_DEVICE", "cpu")  # runtime knob; outputs compared across runs
 
-import copy
 import hashlib
 import logging
 import shutil
@@ -24,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
 import pytest
+import torch
 import yaml
+
+from pipeline.presets import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # where `lra` and `dvc` are installed
@@ -60,17 +63,20 @@ ARTIFACTS = {
 }
 
 
+# --------------------------------------------------------------------------- threads
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch / FAISS thread in-process: deterministic reductions, and no thread
+    oversubscription on a 2-core machine that also runs the `lra` subprocesses."""
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(before[0])
+    faiss.omp_set_num_threads(before[1])
+
+
 # --------------------------------------------------------------------------- params
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def small_params(**sections: dict) -> dict:
     """The repository's params.yaml with the SMALL overrides, then `sections` merged in
     (e.g. small_params(noise={"rate": 0.6})). Built from params.yaml, so new keys follow."""

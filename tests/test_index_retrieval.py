@@ -4,7 +4,6 @@ with known ground truth."""
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
@@ -13,14 +12,6 @@ from pipeline.index import (apply_search_params, build_index, load_index, normal
                             save_index, search)
 from pipeline.retrieval import (candidate_labels, knn_vote, label_distribution, lookup,
                                 neighbours_excluding_self, own_label_agreement)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def random_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -13,14 +13,6 @@ from pipeline.features import FeatureNormalizer
 from pipeline.linear import LinearProbe, fit_linear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def clusters(n_per: int, *, c: int = 3, d: int = 10, seed: int = 0, scale: float = 4.0,
              centers: np.ndarray | None = None):
     rng = np.random.default_rng(seed)

@@ -21,14 +21,6 @@ from pipeline.retrieval import candidate_labels
 from pipeline.training import TrainData, draw_targets, learning_rate, train_diffusion
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spec(projection: str = "linear", **kw) -> ModelSpec:
     base = dict(num_classes=4, feature_dim_in=12, hidden=16, timesteps=50,
                 projection=projection)

@@ -118,7 +118,6 @@ def test_labels_round_trip_with_unknown_clean_labels(tmp_path):
     assert raw.column("is_corrupted").to_pylist() == [False, True, False, None, False, True]
     labels = read_labels(path)
     np.testing.assert_array_equal(labels.clean, clean)
-    np.testing.assert_array_equal(labels.truth(), clean)
     np.testing.assert_array_equal(labels.observed, observed)
     assert labels.clean.dtype == np.int64 and labels.observed.dtype == np.int64
     assert labels.num_classes == 3

@@ -42,7 +42,9 @@ class FeatureNormalizer:
     def apply(self, x: np.ndarray) -> np.ndarray:
         """(N, D) float32 -> (N, D) float32 normalised (a new array)."""
         if self.kind in ("standardize", "center"):
-            return ((x - self.mean) / self.std).astype(np.float32)
+            out = np.subtract(x, self.mean, dtype=np.float32)  # the one new (N, D) array
+            out /= self.std
+            return out
         if self.kind == "l2":
             norms = np.linalg.norm(x, axis=1, keepdims=True)
             return (x / np.maximum(norms, 1e-12)).astype(np.float32)

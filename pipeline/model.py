@@ -39,6 +39,12 @@ class ModelSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def flops_per_sample(self) -> int:
+        """Multiply-adds x 2 of one forward pass (the Linear layers dominate)."""
+        c, d, h = self.num_classes, self.feature_dim_in, self.hidden
+        proj = d * h + (h * h if self.projection == "mlp" else 0)
+        return 2 * (proj + (c + d) * h + 2 * h * h + h * c)
+
 
 class DiffusionClassifier(nn.Module):
     """eps_theta(y_t, t, f_p(x), x_emb).
@@ -77,7 +83,5 @@ class DiffusionClassifier(nn.Module):
         return self.out(h)  # (B, C)
 
     def flops_per_sample(self) -> int:
-        """Multiply-adds x 2 of one forward pass (the Linear layers dominate)."""
-        c, d, h = self.spec.num_classes, self.spec.feature_dim_in, self.spec.hidden
-        proj = d * h + (h * h if self.spec.projection == "mlp" else 0)
-        return 2 * (proj + (c + d) * h + 2 * h * h + h * c)
+        """Multiply-adds x 2 of one forward pass (see ModelSpec.flops_per_sample)."""
+        return self.spec.flops_per_sample()

@@ -9,8 +9,7 @@ import numpy as np
 
 from pipeline.artifacts import StageWriter, write_json, write_table
 from pipeline.errors import ArtifactError
-from pipeline.sources import load_source
-from pipeline.sources.files import image_root
+from pipeline.sources import image_root, load_source
 from stages.app import ParamsOption, app, stage
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -75,26 +76,34 @@ def make_table(*, split: np.ndarray, label: np.ndarray, clean_label: np.ndarray 
     }, schema=PREPARED_SCHEMA)
 
 
+def image_root(cfg: DataConfig) -> Path | None:
+    """The directory that the prepared table's `path` values are relative to:
+    the manifest's directory for `manifest`, data.root for the other file sources,
+    None for sources that store pixels (digits, cifar10, cifar100)."""
+    if cfg.source in ("digits", "cifar10", "cifar100") or not cfg.root:
+        return None
+    if cfg.source == "manifest":
+        return Path(cfg.root).parent
+    return Path(cfg.root)
+
+
 Loader = Callable[[DataConfig], PreparedDataset]
 
 
-def _loaders() -> dict[str, Loader]:
-    # Imported lazily so that `digits` never pays for image-file sources' imports.
-    from pipeline.sources import digits
+def _loaders(source: str) -> dict[str, Loader]:
+    # Imported lazily: `digits` never pays for the file sources' imports (polars, ...).
+    if source == "digits":
+        from pipeline.sources import digits
 
-    loaders: dict[str, Loader] = {"digits": digits.load}
-    try:
-        from pipeline.sources import files
+        return {"digits": digits.load}
+    from pipeline.sources import files
 
-        loaders.update(files.LOADERS)
-    except ImportError:  # pragma: no cover - file sources not built yet
-        pass
-    return loaders
+    return files.LOADERS
 
 
 def load_source(cfg: DataConfig) -> PreparedDataset:
     """Load the dataset named by `cfg.source` (see DataConfig)."""
-    loaders = _loaders()
+    loaders = _loaders(cfg.source)
     if cfg.source not in loaders:
         raise ConfigError(f"data.source: {cfg.source!r} is not available; "
                           f"valid: {', '.join(sorted(loaders))}")

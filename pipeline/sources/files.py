@@ -11,29 +11,17 @@ source for its on-disk layout, split protocol and noise semantics:
     webvision     pipeline.sources.webvision     mini-WebVision + ILSVRC12 val
     animal10n     pipeline.sources.animal10n     training/ testing/ <label>_<n>.jpg
 
-Path-based rows store `path` relative to `image_root(cfg)`.
+Path-based rows store `path` relative to `pipeline.sources.image_root(cfg)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.sources import PreparedDataset
+from pipeline.sources import PreparedDataset, image_root  # noqa: F401 (re-exported)
 from pipeline.sources import (animal10n, cifar, clothing1m, food101n, imagefolder, manifest,
                               webvision)
-
-
-def image_root(cfg: DataConfig) -> Path | None:
-    """The directory that the prepared table's `path` values are relative to:
-    the manifest's directory for `manifest`, data.root for the other file sources,
-    None for sources that store pixels (digits, cifar10, cifar100)."""
-    if cfg.source in ("digits", "cifar10", "cifar100") or not cfg.root:
-        return None
-    if cfg.source == "manifest":
-        return Path(cfg.root).parent
-    return Path(cfg.root)
 
 
 LOADERS: dict[str, Callable[[DataConfig], PreparedDataset]] = {

@@ -32,11 +32,6 @@ def neighbours_excluding_self(index: faiss.Index, queries: np.ndarray,
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1)
 
 
-def lookup(values_by_id: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Gather per-sample values by sample id: values_by_id (max_id + 1,), ids any shape."""
-    return values_by_id[ids]
-
-
 def candidate_labels(own: np.ndarray, neighbour_labels: np.ndarray) -> np.ndarray:
     """The k + 1 candidates: own observed label first, then the k neighbours'.
     own: (N,) int64; neighbour_labels: (N, k) int64. Returns (N, k + 1) int64."""

@@ -91,10 +91,10 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
     val_truth = np.where(lab.clean[val_rows] != UNKNOWN, lab.clean[val_rows],
                          lab.observed[val_rows])
     norm = FeatureNormalizer.fit(emb.vectors[train_rows], p.train.feature_norm)
-    feats = torch.from_numpy(norm.apply(emb.vectors))
-    data = TrainData(features=feats[train_rows].to(dev),
+    # Only the rows training uses: test rows are never normalised here.
+    data = TrainData(features=torch.from_numpy(norm.apply(emb.vectors[train_rows])).to(dev),
                      candidates=torch.from_numpy(ret.candidates[train_rows]).to(dev),
-                     val_features=feats[val_rows].to(dev),
+                     val_features=torch.from_numpy(norm.apply(emb.vectors[val_rows])).to(dev),
                      val_labels=torch.from_numpy(val_truth).to(dev),
                      num_classes=lab.num_classes)
     result = train_diffusion(data, p.train, progress=progress)

@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import (apply_search_params, build_index, load_index, normalized,
                             save_index, search)
-from pipeline.retrieval import (candidate_labels, knn_vote, label_distribution, lookup,
+from pipeline.retrieval import (candidate_labels, knn_vote, label_distribution,
                                 neighbours_excluding_self, own_label_agreement)
 
 
@@ -199,12 +199,6 @@ def test_too_few_indexed_vectors_is_artifact_error():
 
 
 # --------------------------------------------------------------------------- label statistics
-def test_lookup_gathers_by_id():
-    values = np.array([10, 11, 12, 13])
-    np.testing.assert_array_equal(lookup(values, np.array([[3, 0], [1, 1]])),
-                                  [[13, 10], [11, 11]])
-
-
 def test_candidate_labels_layout():
     own = np.array([4, 1])
     nb = np.array([[0, 1, 2], [3, 3, 1]])
@@ -282,9 +276,9 @@ def test_retrieval_recovers_clean_labels_under_symmetric_noise():
     index = build_index(x, ids, factory="Flat")
     nb_ids, sims = neighbours_excluding_self(index, x, ids, k=k)
     assert not (nb_ids == ids[:, None]).any()
-    nb_labels = lookup(observed, nb_ids)
+    nb_labels = observed[nb_ids]
     # the clean neighbourhood is pure: every neighbour shares the query's clean class
-    assert (lookup(clean, nb_ids) == clean[:, None]).mean() > 0.99
+    assert (clean[nb_ids] == clean[:, None]).mean() > 0.99
 
     # Binomial(20, 0.6) against four Binomial(20, 0.1): majority right ~99.6 % of the time
     vote = knn_vote(nb_labels, sims, c)

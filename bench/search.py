@@ -17,7 +17,10 @@ Methods (each in its own process, so each has its own peak memory):
   HNSW32, IVF*  approximate: build_index + a sweep of the search parameter (efSearch,
                 nprobe) on `tune` queries; the smallest value reaching recall@k >= 0.96 on
                 them is then used for the timed search of all N queries, and recall@k is
-                reported on the separate `eval` queries.
+                reported on the separate `eval` queries. "FACTORY|PARAMS" fixes other
+                search parameters during the sweep, e.g.
+                "IVF1024,PQ192x4fs,RFlat|k_factor_rf=32" (fast-scan PQ codes, then the
+                best 32 k candidates re-ranked on the exact vectors).
 Exact searches cost 2 N^2 D FLOP: when the estimate from the measured matmul throughput
 exceeds the time budget they run on a random sample of queries and their time is
 extrapolated linearly to N queries (`exact_extrapolated_from_queries` says how many).
@@ -54,6 +57,12 @@ def expand_factory(factory: str, n: int) -> str:
     return factory.replace("{nlist}", str(auto_nlist(n)))
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """"FACTORY|PARAMS" -> (factory, fixed search params); no "|": (spec, "")."""
+    factory, _, fixed = spec.partition("|")
+    return factory.strip(), fixed.strip()
+
+
 def search_param(factory: str) -> str | None:
     if "HNSW" in factory:
         return "efSearch"
@@ -80,6 +89,9 @@ def index_bytes(factory: str, n: int, d: int) -> int:
         size += n * (2 * m * 4 + 8 + 4) + n // m * m * 4 * 2  # level-0 links, offsets, levels
     if "IVF" in factory:
         size += n * 8 + _ivf_nlist(factory) * d * 4
+    pq = re.search(r"PQ(\d+)x(\d+)", factory)
+    if pq:  # the codes (a refined index also keeps the exact vectors counted above)
+        size += n * int(pq.group(1)) * int(pq.group(2)) // 8
     return size
 
 
@@ -144,6 +156,7 @@ def faiss_child(*, data_dir: str, factory: str, k: int, truth_path: str,
     from pipeline.retrieval import neighbours_excluding_self
 
     probe = MemoryProbe()
+    spec, (factory, fixed) = factory, split_spec(factory)
     emb = synthetic.load(data_dir, ("embeddings",))["embeddings"]
     n, d = emb.shape
     ids = np.arange(n, dtype=np.int64)
@@ -163,7 +176,7 @@ def faiss_child(*, data_dir: str, factory: str, k: int, truth_path: str,
         for value in GRIDS[param]:
             if param == "nprobe" and value > _ivf_nlist(factory):
                 break
-            apply_search_params(index, f"{param}={value}")
+            apply_search_params(index, ",".join(filter(None, [fixed, f"{param}={value}"])))
             with Timer() as t:
                 found, _ = neighbours_excluding_self(index, tq, tune_rows, k=k)
             rec = recall_at_k(found, truth_ids[where[tune_rows]])
@@ -171,7 +184,7 @@ def faiss_child(*, data_dir: str, factory: str, k: int, truth_path: str,
             if rec >= TARGET_RECALL + TUNE_MARGIN:
                 break
         chosen = sweep[-1][param]
-        apply_search_params(index, f"{param}={chosen}")
+        apply_search_params(index, ",".join(filter(None, [fixed, f"{param}={chosen}"])))
 
     eval_rows = np.asarray(evaluate, dtype=np.int64)
     rows = np.arange(n) if search_rows is None else np.asarray(search_rows, dtype=np.int64)
@@ -188,7 +201,7 @@ def faiss_child(*, data_dir: str, factory: str, k: int, truth_path: str,
     pos = np.full(n, -1, dtype=np.int64)
     pos[rows] = np.arange(len(rows))
     rec = recall_at_k(found[pos[eval_rows]], truth_ids[where[eval_rows]])
-    return {"factory": factory, "n": n, "dim": d, "build_seconds": build.seconds,
+    return {"factory": spec, "n": n, "dim": d, "build_seconds": build.seconds,
             "search_seconds": search.seconds, "queries": len(rows), "param": param,
             "chosen": chosen, "sweep": sweep, "recall_at_k": rec, "recall_queries": len(eval_rows),
             **mem, "array_bytes": n * d * 4 + index_bytes(factory, n, d) + found.nbytes * 3 // 2}

@@ -129,18 +129,71 @@ def list_column_to_numpy(column: pa.ChunkedArray | pa.Array, dtype: Any = None) 
     return out.astype(dtype, copy=False) if dtype is not None else out
 
 
+def _with_metadata(schema: pa.Schema, metadata: dict[str, Any] | None) -> pa.Schema:
+    """`metadata` values stored as JSON strings in the schema's key-value metadata."""
+    if not metadata:
+        return schema
+    merged = dict(schema.metadata or {})
+    merged.update({k.encode(): json.dumps(v, sort_keys=True).encode()
+                   for k, v in metadata.items()})
+    return schema.with_metadata(merged)
+
+
+_PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True}
+
+
 def write_table(table: pa.Table, path: str | Path, *, metadata: dict[str, Any] | None = None,
                 row_group_rows: int = ROW_GROUP_ROWS) -> None:
     """Write `table` to Parquet atomically; `metadata` values are stored as JSON strings
     in the schema's key-value metadata (provenance: encoder, dim, source, ...)."""
-    if metadata:
-        merged = dict(table.schema.metadata or {})
-        merged.update({k.encode(): json.dumps(v, sort_keys=True).encode()
-                       for k, v in metadata.items()})
-        table = table.replace_schema_metadata(merged)
+    table = table.replace_schema_metadata(_with_metadata(table.schema, metadata).metadata)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows,
-                       write_statistics=True)
+        pq.write_table(table, tmp, row_group_size=row_group_rows, **_PARQUET_OPTIONS)
+
+
+class TableStream:
+    """Write a Parquet table chunk by chunk, holding at most one row group in memory.
+
+    Rows are regrouped into row groups of `row_group_rows` whatever the chunk sizes, so
+    the file is byte-identical to `write_table` of the whole table. Use it on a path
+    from `StageWriter.path` or `atomic_path`: the caller publishes the file. `schema`
+    must match the chunks' (without metadata).
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema, *,
+                 metadata: dict[str, Any] | None = None,
+                 row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        self._schema = _with_metadata(schema, metadata)
+        self._writer = pq.ParquetWriter(str(path), self._schema, **_PARQUET_OPTIONS)
+        self._rows = row_group_rows
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._written = False
+
+    def write(self, chunk: pa.Table) -> None:
+        self._pending.append(chunk.replace_schema_metadata(self._schema.metadata))
+        self._pending_rows += len(chunk)
+        if self._pending_rows >= self._rows:
+            table = pa.concat_tables(self._pending)
+            full = len(table) // self._rows * self._rows
+            self._writer.write_table(table.slice(0, full), row_group_size=self._rows)
+            self._written = True
+            rest = table.slice(full)
+            self._pending, self._pending_rows = [rest], len(rest)
+
+    def close(self) -> None:
+        if self._pending_rows or not self._written:  # an empty table still gets its group
+            table = (pa.concat_tables(self._pending) if self._pending
+                     else self._schema.empty_table())
+            self._writer.write_table(table, row_group_size=self._rows)
+        self._pending, self._pending_rows = [], 0
+        self._writer.close()
+
+    def __enter__(self) -> TableStream:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close()
 
 
 def read_metadata(schema: pa.Schema) -> dict[str, Any]:
@@ -174,14 +227,6 @@ def read_table(path: str | Path, what: str, *, columns: Sequence[str] | None = N
                             f"(has {', '.join(schema.names)}); rerun its stage")
     table = pq.read_table(path, columns=list(columns) if columns else None)
     return table, read_metadata(schema)
-
-
-def iter_row_groups(path: str | Path, *, columns: Sequence[str] | None = None
-                    ) -> Iterator[pa.Table]:
-    """Stream a Parquet file one row group at a time (bounded memory)."""
-    reader = pq.ParquetFile(path)
-    for i in range(reader.num_row_groups):
-        yield reader.read_row_group(i, columns=list(columns) if columns else None)
 
 
 # --------------------------------------------------------------------------- JSON / CSV

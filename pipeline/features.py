@@ -7,6 +7,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+_CHUNK_ROWS = 16_384
+"""Rows per chunk of the normaliser's temporaries: bounded, whatever N is."""
+
+
+def _column_sums(x: np.ndarray, f) -> np.ndarray:
+    """sum over rows of f(chunk) in float64, chunk by chunk: (N, D) -> (D,)."""
+    total = np.zeros(x.shape[1], dtype=np.float64)
+    for start in range(0, len(x), _CHUNK_ROWS):
+        total += f(x[start:start + _CHUNK_ROWS].astype(np.float64)).sum(axis=0)
+    return total
+
 
 @dataclass(frozen=True)
 class FeatureNormalizer:
@@ -23,32 +34,40 @@ class FeatureNormalizer:
 
     @classmethod
     def fit(cls, train: np.ndarray, kind: str) -> FeatureNormalizer:
-        """train: (N, D) float32 train-split embeddings."""
-        if kind == "standardize":
-            mean = train.mean(axis=0, dtype=np.float64).astype(np.float32)
-            std = train.std(axis=0, dtype=np.float64).astype(np.float32)
-            std[std < 1e-6] = 1.0  # constant coordinates carry nothing; avoid dividing by 0
-            return cls(kind, mean, std)
-        if kind == "center":
-            mean = train.mean(axis=0, dtype=np.float64)
-            pooled = float(np.sqrt(((train - mean) ** 2).mean())) or 1.0
-            return cls(kind, mean.astype(np.float32),
-                       np.full(train.shape[1], pooled, dtype=np.float32))
+        """train: (N, D) float32 train-split embeddings. Statistics are accumulated in
+        float64 over row chunks, so no (N, D) temporary is made."""
+        if kind in ("standardize", "center"):
+            mean = _column_sums(train, lambda c: c) / max(len(train), 1)  # (D,) float64
+            sq = _column_sums(train, lambda c: np.square(c - mean))  # (D,) float64
+            if kind == "standardize":
+                std = np.sqrt(sq / max(len(train), 1)).astype(np.float32)
+                std[std < 1e-6] = 1.0  # constant coordinates carry nothing; avoid dividing by 0
+            else:
+                pooled = float(np.sqrt(sq.sum() / max(train.size, 1))) or 1.0
+                std = np.full(train.shape[1], pooled, dtype=np.float32)
+            return cls(kind, mean.astype(np.float32), std)
         if kind in ("l2", "none"):
             return cls(kind)
         raise ValueError(f"unknown feature_norm {kind!r}; valid: standardize, center, l2, "
                          "none")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """(N, D) float32 -> (N, D) float32 normalised (a new array)."""
+        """(N, D) float32 -> (N, D) float32 normalised (a new array; x is unchanged)."""
+        return self.apply_inplace(np.array(x, dtype=np.float32, order="C", copy=True))
+
+    def apply_inplace(self, x: np.ndarray) -> np.ndarray:
+        """Normalise the float32 (N, D) array x in place (no (N, D) temporary) and return
+        it: for matrices the stage holds once, not twice."""
+        if x.dtype != np.float32:
+            raise TypeError(f"apply_inplace needs float32, got {x.dtype}")
         if self.kind in ("standardize", "center"):
-            out = np.subtract(x, self.mean, dtype=np.float32)  # the one new (N, D) array
-            out /= self.std
-            return out
-        if self.kind == "l2":
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            return (x / np.maximum(norms, 1e-12)).astype(np.float32)
-        return np.array(x, dtype=np.float32)
+            x -= self.mean
+            x /= self.std
+        elif self.kind == "l2":
+            for start in range(0, len(x), _CHUNK_ROWS):
+                part = x[start:start + _CHUNK_ROWS]
+                part /= np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+        return x
 
     def to_dict(self) -> dict:
         return {"kind": self.kind,

@@ -24,7 +24,7 @@ class LinearProbe:
 
     def logits(self, x: np.ndarray) -> torch.Tensor:
         """x: (N, D) float32 -> (N, C) float32 logits."""
-        z = (torch.tensor(x, dtype=torch.float32) - self.mean) / self.std
+        z = torch.tensor(x, dtype=torch.float32).sub_(self.mean).div_(self.std)
         return z @ self.weight + self.bias
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -43,10 +43,10 @@ def fit_linear(x: np.ndarray, y: np.ndarray, *, num_classes: int, l2: float = 1e
     x: (N, D) float32; y: (N,) int64 in [0, C). L-BFGS with strong-Wolfe line search on
     the full batch: a convex problem, so the result does not depend on a seed.
     """
-    xt = torch.tensor(x, dtype=torch.float32)
-    mean = xt.mean(dim=0)
-    std = xt.std(dim=0).clamp_min(1e-6)
-    z = (xt - mean) / std
+    z = torch.tensor(x, dtype=torch.float32)  # the one (N, D) copy, standardised in place
+    mean = z.mean(dim=0)
+    std = z.std(dim=0).clamp_min(1e-6)
+    z.sub_(mean).div_(std)
     yt = torch.tensor(y, dtype=torch.long)
     weight = torch.zeros(z.shape[1], num_classes, requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)

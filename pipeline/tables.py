@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.artifacts import (embedding_array, fixed_list_array, list_column_to_numpy,
-                                read_table, write_table)
+from pipeline.artifacts import (ROW_GROUP_ROWS, embedding_array, fixed_list_array,
+                                list_column_to_numpy, read_table, write_table)
 from pipeline.errors import ArtifactError
 
 UNKNOWN = -1
@@ -96,27 +97,81 @@ def write_embeddings(path: str | Path, *, sample_id: np.ndarray, split: np.ndarr
     write_table(table, path, metadata={**provenance, "dim": int(vectors.shape[1])})
 
 
-def read_embeddings(path: str | Path) -> Embeddings:
-    table, meta = read_table(path, "embeddings", required=("sample_id", "split", "embedding"))
-    col_type = table.schema.field("embedding").type
+@dataclass(frozen=True)
+class EmbeddingsFile:
+    """An embeddings table opened without its vectors: ids, splits and provenance are read
+    now, vectors later, one record batch at a time (`read_rows`, `iter_chunks`), so a stage
+    holds only the rows it needs and never the whole decoded table next to them.
+
+    sample_id: (N,) int64 (= row positions); split: (N,) object; dim: D.
+    """
+
+    path: Path
+    sample_id: np.ndarray
+    split: np.ndarray
+    dim: int
+    meta: dict[str, Any]
+
+    def rows(self, split: str) -> np.ndarray:
+        """Row positions of one split: (n,) int64."""
+        return np.flatnonzero(self.split == split)
+
+    def iter_chunks(self, chunk_rows: int = ROW_GROUP_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, vectors (b, D) float32) over all rows in order, b <= chunk_rows;
+        each chunk is checked for NaN / inf."""
+        start = 0
+        reader = pq.ParquetFile(self.path)
+        for batch in reader.iter_batches(batch_size=chunk_rows, columns=["embedding"]):
+            vectors = list_column_to_numpy(batch.column(0), np.float32)
+            bad = ~np.isfinite(vectors).all(axis=1)
+            if bad.any():
+                raise ArtifactError(
+                    f"embeddings at {self.path}: {int(bad.sum())} row(s) among rows {start}-"
+                    f"{start + len(vectors) - 1} contain NaN or infinite values "
+                    f"(first sample_id {int(self.sample_id[start + int(np.argmax(bad))])})")
+            yield start, vectors
+            start += len(vectors)
+        if start != len(self.sample_id):
+            raise ArtifactError(f"embeddings at {self.path}: {start} vectors for "
+                                f"{len(self.sample_id)} sample ids; rerun `lra embed`")
+
+    def read_rows(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Vectors of the increasing row positions `rows` (None: all): (len(rows), D)
+        float32, filled chunk by chunk, so the peak is the result plus one chunk."""
+        rows = np.arange(len(self.sample_id)) if rows is None else np.asarray(rows, np.int64)
+        if len(rows) > 1 and not (np.diff(rows) > 0).all():
+            raise ValueError("read_rows needs strictly increasing row positions")
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for start, chunk in self.iter_chunks():
+            lo, hi = np.searchsorted(rows, [start, start + len(chunk)])
+            out[lo:hi] = chunk[rows[lo:hi] - start]
+        return out
+
+
+def open_embeddings(path: str | Path) -> EmbeddingsFile:
+    """Read the ids, splits and provenance of an embeddings table and check its schema;
+    the vectors stay on disk until asked for."""
+    table, meta = read_table(path, "embeddings", columns=("sample_id", "split"),
+                             required=("sample_id", "split", "embedding"))
+    col_type = pq.read_schema(path).field("embedding").type
     if not (pa.types.is_fixed_size_list(col_type) and pa.types.is_float32(col_type.value_type)):
         raise ArtifactError(f"embeddings at {path}: column 'embedding' is {col_type}, expected "
                             "fixed_size_list<float32>[D]; rerun `lra embed`")
-    vectors = list_column_to_numpy(table.column("embedding"), np.float32)
-    if "dim" in meta and int(meta["dim"]) != vectors.shape[1]:
+    if "dim" in meta and int(meta["dim"]) != col_type.list_size:
         raise ArtifactError(f"embeddings at {path}: metadata says dim {meta['dim']} but vectors "
-                            f"have {vectors.shape[1]}; rerun `lra embed`")
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        raise ArtifactError(f"embeddings at {path}: {int(bad.sum())} row(s) contain NaN or "
-                            "infinite values (first sample_id "
-                            f"{int(table.column('sample_id')[int(np.argmax(bad))].as_py())})")
+                            f"have {col_type.list_size}; rerun `lra embed`")
     sample_id = table.column("sample_id").to_numpy()
     if not np.array_equal(sample_id, np.arange(len(sample_id))):
         # Later stages index arrays by sample id: ids must be the row positions.
         raise ArtifactError(f"embeddings at {path}: sample_id must be 0..N-1 in row order; "
                             "rerun `lra prepare` and `lra embed`")
-    return Embeddings(sample_id, _split(table), vectors, meta)
+    return EmbeddingsFile(Path(path), sample_id, _split(table), col_type.list_size, meta)
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """The whole table, vectors included (for stages that use every row at once)."""
+    emb = open_embeddings(path)
+    return Embeddings(emb.sample_id, emb.split, emb.read_rows(), emb.meta)
 
 
 # --------------------------------------------------------------------------- labels

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.artifacts import (StageWriter, atomic_path, embedding_array, fixed_list_array,
-                                iter_row_groups, list_column_to_numpy, read_json,
+from pipeline.artifacts import (StageWriter, TableStream, atomic_path, embedding_array,
+                                fixed_list_array, list_column_to_numpy, read_json,
                                 read_metadata, read_table, require, write_csv, write_json,
                                 write_table)
 from pipeline.errors import ArtifactError
@@ -177,16 +177,11 @@ def test_read_metadata_skips_arrow_keys_and_tolerates_non_json():
     assert read_metadata(schema) == {"plain": "not json", "num": 3}
 
 
-def test_row_groups_and_streaming(tmp_path):
+def test_write_table_uses_fixed_row_groups(tmp_path):
     path = tmp_path / "t.parquet"
-    t = _table(250)
-    write_table(t, path, row_group_rows=100)
-    assert pq.ParquetFile(path).num_row_groups == 3
-    parts = list(iter_row_groups(path, columns=["sample_id"]))
-    assert [p.num_rows for p in parts] == [100, 100, 50]
-    assert parts[0].column_names == ["sample_id"]
-    ids = np.concatenate([p.column("sample_id").to_numpy() for p in parts])
-    np.testing.assert_array_equal(ids, np.arange(250))
+    write_table(_table(250), path, row_group_rows=100)
+    meta = pq.ParquetFile(path).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [100, 100, 50]
 
 
 def test_read_table_errors(tmp_path):
@@ -241,3 +236,26 @@ def test_write_csv(tmp_path):
     with pytest.raises(ValueError):
         write_csv([], tmp_path / "empty.csv")
     assert not (tmp_path / "empty.csv").exists()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 9, 64])
+def test_table_stream_writes_the_bytes_of_write_table(tmp_path, chunk):
+    """Streaming chunk by chunk regroups rows into fixed row groups: the file is the one
+    write_table makes from the whole table, whatever the chunk size."""
+    t = pa.table({"a": np.arange(40), "v": fixed_list_array(
+        np.arange(80, dtype=np.float32).reshape(40, 2), pa.float32())})
+    write_table(t, tmp_path / "whole.parquet", metadata={"m": [1, 2]}, row_group_rows=8)
+    with TableStream(tmp_path / "stream.parquet", t.schema, metadata={"m": [1, 2]},
+                     row_group_rows=8) as stream:
+        for start in range(0, 40, chunk):
+            stream.write(t.slice(start, chunk))
+    assert (tmp_path / "whole.parquet").read_bytes() == (tmp_path / "stream.parquet").read_bytes()
+    assert pq.ParquetFile(tmp_path / "stream.parquet").metadata.num_row_groups == 5
+
+
+def test_table_stream_of_no_rows_matches_write_table(tmp_path):
+    schema = pa.schema([("a", pa.int64())])
+    write_table(schema.empty_table(), tmp_path / "whole.parquet")
+    with TableStream(tmp_path / "stream.parquet", schema):
+        pass
+    assert (tmp_path / "whole.parquet").read_bytes() == (tmp_path / "stream.parquet").read_bytes()

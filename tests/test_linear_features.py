@@ -159,3 +159,31 @@ def test_to_dict_from_dict_round_trip(kind):
         assert back.mean is None and back.std is None
     x = rng.normal(size=(5, 4)).astype(np.float32)
     np.testing.assert_array_equal(back.apply(x), norm.apply(x))
+
+
+@pytest.mark.parametrize("kind", ["standardize", "center", "l2", "none"])
+def test_chunked_fit_and_in_place_apply_match_whole_array_numpy(kind, monkeypatch):
+    """Statistics are accumulated over row chunks and apply_inplace normalises without a
+    copy; both agree with the whole-array numpy formulas."""
+    from pipeline import features
+
+    monkeypatch.setattr(features, "_CHUNK_ROWS", 7)  # many chunks, a partial last one
+    x = (np.random.default_rng(3).normal(size=(50, 6)) * [1, 2, 3, 4, 5, 1e-9] + 10
+         ).astype(np.float32)
+    norm = FeatureNormalizer.fit(x, kind)
+    if kind == "standardize":
+        np.testing.assert_allclose(norm.mean, x.astype(np.float64).mean(0), rtol=1e-6)
+        std = x.astype(np.float64).std(0)
+        np.testing.assert_allclose(norm.std[:5], std[:5], rtol=1e-5)
+        assert norm.std[5] == 1.0  # (near-)constant column
+    elif kind == "center":
+        centred = x.astype(np.float64) - x.astype(np.float64).mean(0)
+        np.testing.assert_allclose(norm.std, np.sqrt((centred ** 2).mean()), rtol=1e-5)
+    expected = norm.apply(x)
+    buf = x.copy()
+    out = norm.apply_inplace(buf)
+    assert out is buf
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(norm.apply(x), expected)  # apply leaves x unchanged
+    with pytest.raises(TypeError):
+        norm.apply_inplace(x.astype(np.float64))

@@ -12,9 +12,9 @@ from pipeline.artifacts import embedding_array, write_table
 from pipeline.errors import ArtifactError
 from pipeline.images import encode_png
 from pipeline.sources import make_table
-from pipeline.tables import (UNKNOWN, check_same_samples, read_embeddings, read_labels,
-                             read_prepared, read_retrieval, write_embeddings, write_labels,
-                             write_retrieval)
+from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_embeddings,
+                             read_labels, read_prepared, read_retrieval, write_embeddings,
+                             write_labels, write_retrieval)
 
 SPLIT = np.array(["train", "train", "val", "train", "test", "train"], dtype=object)
 
@@ -251,3 +251,40 @@ def test_prepared_round_trip_and_missing_metadata(tmp_path):
     write_table(table, path, metadata={"class_names": ["a", "b"]})
     with pytest.raises(ArtifactError, match="labels_are_clean"):
         read_prepared(path)
+
+
+def test_open_embeddings_reads_rows_chunk_by_chunk(tmp_path, monkeypatch):
+    """Vectors are read by record batch: any increasing row subset, any chunk size, the
+    same values as the whole table; ids, splits and metadata are there before any vector."""
+    from pipeline import tables
+
+    path = tmp_path / "emb.parquet"
+    n = 50
+    v = vectors(n, 3, seed=4)
+    split = np.array(["train", "val", "test", "train", "train"] * 10, dtype=object)
+    # Row groups of 8 rows, so reads cross group boundaries.
+    table = pa.table({"sample_id": pa.array(np.arange(n)), "split": pa.array(list(split)),
+                      "embedding": embedding_array(v)})
+    write_table(table, path, metadata={"dim": 3}, row_group_rows=8)
+    emb = tables.open_embeddings(path)
+    assert emb.dim == 3 and emb.meta == {"dim": 3} and emb.split.tolist() == split.tolist()
+    monkeypatch.setattr(tables, "ROW_GROUP_ROWS", 7)
+    for rows in (None, emb.rows("train"), np.array([0, 7, 8, 49]), np.array([], np.int64)):
+        want = v if rows is None else v[rows]
+        np.testing.assert_array_equal(emb.read_rows(rows), want)
+    starts, parts = zip(*emb.iter_chunks(chunk_rows=6))
+    assert list(starts) == list(range(0, n, 6)) and all(len(p) <= 6 for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), v)
+    with pytest.raises(ValueError, match="increasing"):
+        emb.read_rows(np.array([3, 1]))
+
+
+def test_open_embeddings_rejects_non_finite_chunk_with_its_rows(tmp_path):
+    path = tmp_path / "emb.parquet"
+    v = vectors(20, 2)
+    v[13, 1] = np.inf
+    write_embeddings(path, sample_id=np.arange(20), split=np.array(["train"] * 20, object),
+                     vectors=v, provenance={})
+    emb = open_embeddings(path)  # ids and splits only: the bad vector is not read yet
+    with pytest.raises(ArtifactError, match=r"1 row\(s\) among rows 10-19 .*sample_id 13"):
+        list(emb.iter_chunks(chunk_rows=10))

@@ -368,9 +368,12 @@ def _resolve(model: str, pretrained: str | None, cache_dir: str | None) -> _Sour
 class _RowImages:
     """Map-style dataset over prepared-table rows: i -> (i, preprocessed (3, H, W) tensor
     or None, error or None). Decoding errors are returned, not raised, so the main process
-    can name the row in a one-line message."""
+    can name the row in a one-line message.
 
-    def __init__(self, images: list[bytes | None], paths: list[str | None],
+    Holds the table's Arrow columns and takes one row's bytes at a time, so no second
+    copy of the images is made however many there are."""
+
+    def __init__(self, images: pa.ChunkedArray, paths: pa.ChunkedArray,
                  root: str | None, transform: Any) -> None:
         self.images, self.paths, self.root, self.transform = images, paths, root, transform
 
@@ -379,7 +382,8 @@ class _RowImages:
 
     def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
         try:
-            img = open_image(self.images[i], self.paths[i], self.root).convert("RGB")
+            img = open_image(self.images[i].as_py(), self.paths[i].as_py(),
+                             self.root).convert("RGB")
             return i, self.transform(img), None
         except Exception as exc:  # noqa: BLE001 - reported with the row by encode()
             return i, None, f"{type(exc).__name__}: {_one_line(exc, 200)}"
@@ -560,11 +564,10 @@ class OpenClipEncoder:
                 yield np.empty((b - a, self._dim), dtype=np.float32)
             return
 
-        images = table.column("image").to_pylist()
-        paths = table.column("path").to_pylist()
+        paths = table.column("path")
         bs = runtime.batch_size
         batches = [list(range(s, min(s + bs, b))) for a, b in ranges for s in range(a, b, bs)]
-        loader = DataLoader(_RowImages(images, paths, root, self._transform),
+        loader = DataLoader(_RowImages(table.column("image"), paths, root, self._transform),
                             batch_sampler=batches, num_workers=runtime.workers,
                             collate_fn=_collate, pin_memory=cuda)
         dtype = torch.bfloat16 if self._precision == "amp_bf16" else torch.float16
@@ -583,7 +586,7 @@ class OpenClipEncoder:
                     index, batch, errors = next(batch_iter)
                     if errors:
                         i, err = errors[0]
-                        where = paths[i] if paths[i] is not None else "image bytes"
+                        where = paths[i].as_py() or "image bytes"
                         sid = table.column("sample_id")[i].as_py() if "sample_id" in \
                             table.column_names else i
                         raise ArtifactError(

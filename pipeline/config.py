@@ -181,16 +181,21 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Evaluation and baselines. `linear_l2`: L2 penalty of the linear probes;
+    `linear_max_rows`: the probes are fitted on at most this many train rows (a fixed
+    random subset beyond it), so evaluation's memory does not grow with the dataset;
     `stochastic_samples`: extra DDIM samples from y_T ~ N(0, I) per image for a vote
     confidence (0 turns it off)."""
 
     linear_l2: float = 1e-4
     linear_iters: int = 200
+    linear_max_rows: int = 100_000
     stochastic_samples: int = 0
 
     def __post_init__(self) -> None:
         _check(self.linear_l2 >= 0, "evaluate", "linear_l2", self.linear_l2, ">= 0")
         _check(self.linear_iters >= 1, "evaluate", "linear_iters", self.linear_iters, ">= 1")
+        _check(self.linear_max_rows >= 1, "evaluate", "linear_max_rows", self.linear_max_rows,
+               ">= 1")
         _check(self.stochastic_samples >= 0, "evaluate", "stochastic_samples",
                self.stochastic_samples, ">= 0")
 

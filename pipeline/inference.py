@@ -3,11 +3,15 @@ DDIM trajectory (what the paper reports) and stochastic sampling for a vote conf
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.diffusion import ddim_sample, readout
+from pipeline.diffusion import (alphas_cumprod, cosine_betas, ddim_sample, ddim_timesteps,
+                                readout)
+from pipeline.features import FeatureNormalizer
 
 
 def predict_scores(model: nn.Module, features: torch.Tensor, *, abar: torch.Tensor,
@@ -26,30 +30,114 @@ def predict_scores(model: nn.Module, features: torch.Tensor, *, abar: torch.Tens
     return torch.cat(parts) if parts else features.new_zeros((0, num_classes))
 
 
+NOISE_BLOCK_ROWS = 1024
+"""Rows per block of stochastic starting points; each block has its own seeded generator."""
+
+
+def start_noise(first_row: int, rows: int, *, samples: int, num_classes: int, seed: int,
+                device: torch.device | str) -> torch.Tensor:
+    """y_T ~ N(0, I) for `samples` trajectories of each row in [first_row, first_row + rows),
+    row-major: (rows * samples, C) float32. Block b of NOISE_BLOCK_ROWS rows draws from a
+    generator seeded with (seed, b), so a row's draws do not depend on how the rows are
+    chunked."""
+    if rows == 0:
+        return torch.zeros((0, num_classes), device=device)
+    first_block = first_row // NOISE_BLOCK_ROWS
+    last_block = (first_row + rows - 1) // NOISE_BLOCK_ROWS
+    parts = []
+    for block in range(first_block, last_block + 1):
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + block)
+        parts.append(torch.randn(NOISE_BLOCK_ROWS * samples, num_classes, generator=gen,
+                                 device=device))
+    offset = (first_row - first_block * NOISE_BLOCK_ROWS) * samples
+    return torch.cat(parts)[offset:offset + rows * samples]
+
+
 def stochastic_vote(model: nn.Module, features: torch.Tensor, *, abar: torch.Tensor,
                     timesteps: np.ndarray, num_classes: int, samples: int, rule: str,
-                    seed: int = 0, chunk_rows: int = 16_384
+                    seed: int = 0, chunk_rows: int = 16_384, first_row: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """`samples` DDIM trajectories per image from y_T ~ N(0, I); majority vote.
 
+    features: (N, D), the rows first_row .. first_row + N - 1 of the dataset (the row
+    numbers pick the starting noise, so chunked calls agree with one call).
     Returns (vote (N,) int64, confidence (N,) float32 = fraction of samples agreeing).
     All samples of a chunk run as one (rows * samples, D) batch.
     """
-    gen = torch.Generator(device=features.device).manual_seed(seed)
     votes, confidence = [], []
     was_training = model.training
     model.eval()
     per_chunk = max(1, chunk_rows // samples)
-    for i in range(0, features.shape[0], per_chunk):
-        f = features[i:i + per_chunk]
-        rep = f.repeat_interleave(samples, dim=0)  # (n * S, D)
-        y_start = torch.randn(rep.shape[0], num_classes, generator=gen, device=f.device)
-        y0 = ddim_sample(model, rep, abar=abar, timesteps=timesteps, num_classes=num_classes,
-                         y_start=y_start)
-        decided = readout(y0, rule).view(f.shape[0], samples)  # (n, S)
-        counts = torch.nn.functional.one_hot(decided, num_classes).sum(dim=1)  # (n, C)
-        top = counts.max(dim=1)
-        votes.append(top.indices)
-        confidence.append(top.values.float() / samples)
-    model.train(was_training)
+    try:
+        for i in range(0, features.shape[0], per_chunk):
+            f = features[i:i + per_chunk]
+            rep = f.repeat_interleave(samples, dim=0)  # (n * S, D)
+            y_start = start_noise(first_row + i, f.shape[0], samples=samples,
+                                  num_classes=num_classes, seed=seed, device=f.device)
+            y0 = ddim_sample(model, rep, abar=abar, timesteps=timesteps,
+                             num_classes=num_classes, y_start=y_start)
+            decided = readout(y0, rule).view(f.shape[0], samples)  # (n, S)
+            counts = torch.nn.functional.one_hot(decided, num_classes).sum(dim=1)  # (n, C)
+            top = counts.max(dim=1)
+            votes.append(top.indices)
+            confidence.append(top.values.float() / samples)
+    finally:
+        model.train(was_training)
+    if not votes:
+        return (torch.zeros(0, dtype=torch.long, device=features.device),
+                torch.zeros(0, device=features.device))
     return torch.cat(votes), torch.cat(confidence)
+
+
+@dataclass(frozen=True)
+class ChunkPredictions:
+    """What the classifier says about one chunk of b rows: scores (b, C) float32 (the
+    mean-start DDIM y_0), predicted (b,) int64, and with stochastic sampling on, vote (b,)
+    int64 and confidence (b,) float32 (else None)."""
+
+    scores: np.ndarray
+    predicted: np.ndarray
+    vote: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class DiffusionScorer:
+    """A trained classifier ready to score raw embeddings chunk by chunk: the checkpoint's
+    normalisation, the mean-start DDIM trajectory, its readout rule and, when `samples`
+    > 0, a stochastic vote. Memory is one chunk's, whatever the dataset size."""
+
+    model: nn.Module
+    normalizer: FeatureNormalizer
+    abar: torch.Tensor  # (T,) float32 on the model's device
+    timesteps: np.ndarray  # ascending DDIM steps
+    num_classes: int
+    rule: str
+    samples: int = 0
+    device: str = "cpu"
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, ckpt: dict, *, num_classes: int,
+                        device: str, samples: int = 0) -> DiffusionScorer:
+        """model, ckpt: `pipeline.checkpoint.load_checkpoint`'s result."""
+        timesteps = ckpt["spec"]["timesteps"]
+        return cls(model=model, normalizer=ckpt["normalizer"],
+                   abar=alphas_cumprod(cosine_betas(timesteps)).float().to(device),
+                   timesteps=ddim_timesteps(timesteps, ckpt["ddim_steps"]),
+                   num_classes=num_classes, rule=ckpt["readout"], samples=samples,
+                   device=device)
+
+    def score(self, raw: np.ndarray, *, first_row: int = 0) -> ChunkPredictions:
+        """raw: (b, D) float32 embeddings of rows first_row .. first_row + b - 1."""
+        feats = torch.from_numpy(self.normalizer.apply(raw)).to(self.device)
+        common = {"abar": self.abar, "timesteps": self.timesteps,
+                  "num_classes": self.num_classes, "chunk_rows": max(len(raw), 1)}
+        scores = predict_scores(self.model, feats, **common)
+        out = {"scores": scores.cpu().numpy(),
+               "predicted": readout(scores, self.rule).cpu().numpy().astype(np.int64)}
+        if self.samples > 0:
+            vote, conf = stochastic_vote(self.model, feats, samples=self.samples,
+                                         rule=self.rule, first_row=first_row, **common)
+            out["vote"] = vote.cpu().numpy().astype(np.int64)
+            out["confidence"] = conf.cpu().numpy().astype(np.float32)
+        return ChunkPredictions(**out)

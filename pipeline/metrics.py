@@ -27,3 +27,25 @@ def accuracy_by_split(predicted: dict[str, np.ndarray], *, truth: np.ndarray,
             scores[method] = float((pred[rows] == truth[rows]).mean()) if len(rows) else None
         out[f"{name}_accuracy"] = scores
     return out
+
+
+def evaluation_metrics(predicted: dict[str, np.ndarray], *, clean: np.ndarray,
+                       observed: np.ndarray, split: np.ndarray,
+                       methods_always: Iterable[str] = ()) -> dict:
+    """metrics.json's accuracy part: per-split accuracies (`accuracy_by_split`), the
+    observed noise rate of the train split and, where clean train labels are known,
+    how often each method's train prediction is the clean label (label cleaning).
+
+    predicted: method -> (N,) int64; clean: (N,) int64 with UNKNOWN; observed: (N,)
+    int64; split: (N,) object."""
+    metrics: dict = accuracy_by_split(predicted, truth=clean, split=split,
+                                      methods_always=methods_always)
+    train = np.flatnonzero(split == "train")
+    known = train[clean[train] != UNKNOWN]
+    metrics["noise"] = {"observed_rate": (float((observed[known] != clean[known]).mean())
+                                          if len(known) else None)}
+    if len(known):
+        metrics["train_label_accuracy"] = {
+            "observed": float((observed[known] == clean[known]).mean()),
+            **{m: float((pred[known] == clean[known]).mean()) for m, pred in predicted.items()}}
+    return metrics

@@ -1,4 +1,10 @@
-"""`lra evaluate`: model + baselines -> data/evaluate/ (metrics, predictions, confusion)."""
+"""`lra evaluate`: model + baselines -> data/evaluate/ (metrics, predictions, confusion).
+
+Streams: the embeddings are read, scored and written one chunk of rows at a time
+(`--chunk-rows`), so memory holds one chunk, the per-row labels and predictions
+(a few int64 per row) and the linear probes' fitting subset (evaluate.linear_max_rows
+rows), whatever the dataset size.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,21 @@ from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
-import torch
 import typer
+from tqdm.auto import tqdm
 
-from pipeline.artifacts import (StageWriter, fixed_list_array, write_csv, write_json,
-                                write_table)
+from pipeline.artifacts import StageWriter, TableStream, fixed_list_array, write_csv, write_json
 from pipeline.checkpoint import load_checkpoint
+from pipeline.config import EvaluateConfig
 from pipeline.errors import ArtifactError
-from pipeline.diffusion import alphas_cumprod, cosine_betas, ddim_timesteps, readout
-from pipeline.inference import predict_scores, stochastic_vote
-from pipeline.linear import fit_linear
-from pipeline.metrics import accuracy_by_split
+from pipeline.inference import ChunkPredictions, DiffusionScorer
+from pipeline.linear import LinearProbe, fit_linear
+from pipeline.metrics import evaluation_metrics
 from pipeline.retrieval import knn_vote
-from pipeline.tables import (UNKNOWN, check_same_samples, read_embeddings, read_labels,
-                             read_retrieval)
-from stages.app import (DeviceOption, ParamsOption, ThreadsOption, app, resolve_device,
-                        set_threads, stage)
+from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
+                             open_embeddings, read_labels, read_retrieval)
+from stages.app import (DeviceOption, ParamsOption, ProgressOption, ThreadsOption, app,
+                        resolve_device, set_threads, stage)
 
 
 @app.command()
@@ -34,12 +39,12 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
              out_dir: Path = Path("data/evaluate"), device: DeviceOption = "auto",
              chunk_rows: Annotated[int, typer.Option(min=1, envvar="LRA_EVAL_CHUNK",
                                                      help="Rows per inference chunk.")] = 16_384,
-             threads: ThreadsOption = 0) -> None:
+             threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
     """Score LRA-diffusion and the baselines on every split with known labels."""
     with stage("evaluate", params) as p:
         set_threads(threads)
         dev = resolve_device(device)
-        emb = read_embeddings(embeddings)
+        emb = open_embeddings(embeddings)
         lab = read_labels(labels)
         ret = read_retrieval(retrieval)
         check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
@@ -49,66 +54,91 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
             raise ArtifactError(f"model expects {ckpt['spec']['feature_dim_in']}-d embeddings "
                                 f"but the embeddings are {emb.dim}-d; rerun `lra train`")
         c = lab.num_classes
-        timesteps = ckpt["spec"]["timesteps"]
-        abar = alphas_cumprod(cosine_betas(timesteps)).float().to(dev)
-        steps = ddim_timesteps(timesteps, ckpt["ddim_steps"])
-        feats = torch.from_numpy(ckpt["normalizer"].apply(emb.vectors)).to(dev)
-        scores = predict_scores(net, feats, abar=abar, timesteps=steps, num_classes=c,
-                                chunk_rows=chunk_rows)
-        predicted = {"lra_diffusion": readout(scores, ckpt["readout"]).cpu().numpy()}
-        predicted["knn_vote"] = knn_vote(ret.neighbour_labels, 1.0 - ret.distances, c)
-        train = emb.rows("train")
         cfg = p.evaluate
-        predicted["noisy_linear"] = fit_linear(
-            emb.vectors[train], lab.observed[train], num_classes=c, l2=cfg.linear_l2,
-            iters=cfg.linear_iters).predict(emb.vectors)
-        clean_known = bool((lab.clean[train] != UNKNOWN).all())
-        if clean_known:
-            predicted["clean_linear"] = fit_linear(
-                emb.vectors[train], lab.clean[train], num_classes=c, l2=cfg.linear_l2,
-                iters=cfg.linear_iters).predict(emb.vectors)
-        confidence = None
-        if cfg.stochastic_samples > 0:
-            vote, conf = stochastic_vote(net, feats, abar=abar, timesteps=steps, num_classes=c,
-                                         samples=cfg.stochastic_samples, rule=ckpt["readout"],
-                                         chunk_rows=chunk_rows)
-            predicted["lra_diffusion_vote"] = vote.cpu().numpy()
-            confidence = conf.cpu().numpy()
-
-        metrics = accuracy_by_split(predicted, truth=lab.clean, split=emb.split,
-                                    methods_always=("clean_linear",))
-        known = train[lab.clean[train] != UNKNOWN]
-        metrics["noise"] = {"observed_rate": (float((lab.observed[known] != lab.clean[known])
-                                                    .mean()) if len(known) else None)}
-        if len(known):
-            # Label cleaning: how often each method's train prediction is the clean label.
-            metrics["train_label_accuracy"] = {
-                "observed": float((lab.observed[known] == lab.clean[known]).mean()),
-                **{m: float((pred[known] == lab.clean[known]).mean())
-                   for m, pred in predicted.items()}}
-        metrics["model"] = {k: ckpt["info"][k] for k in ("epoch", "weights", "readout",
-                                                          "val_accuracy")}
-
+        scorer = DiffusionScorer.from_checkpoint(net, ckpt, num_classes=c, device=dev,
+                                                 samples=cfg.stochastic_samples)
+        probes = _fit_probes(emb, lab, cfg)
         names = lab.meta.get("class_names") or [str(i) for i in range(c)]
-        test = emb.rows("test")
-        test = test[lab.clean[test] != UNKNOWN]
-        columns = {
-            "sample_id": pa.array(emb.sample_id, type=pa.int64()),
-            "split": pa.array(list(emb.split), type=pa.string()),
-            "true": pa.array(lab.clean, type=pa.int64(), mask=lab.clean == UNKNOWN),
-            "observed": pa.array(lab.observed, type=pa.int64()),
-            "predicted": pa.array(predicted["lra_diffusion"], type=pa.int64()),
-            "knn_vote": pa.array(predicted["knn_vote"], type=pa.int64()),
-            "scores": fixed_list_array(scores.cpu().numpy().astype(np.float32), pa.float32()),
-        }
-        if confidence is not None:
-            columns["vote"] = pa.array(predicted["lra_diffusion_vote"], type=pa.int64())
-            columns["confidence"] = pa.array(confidence, type=pa.float32())
+
+        n = len(emb.sample_id)
+        methods = ["lra_diffusion", "knn_vote", *probes]
+        if cfg.stochastic_samples > 0:
+            methods.append("lra_diffusion_vote")
+        predicted = {m: np.empty(n, dtype=np.int64) for m in methods}
         with StageWriter() as out:
+            with TableStream(out.path(out_dir / "predictions.parquet"),
+                             _prediction_schema(c, vote=cfg.stochastic_samples > 0),
+                             metadata={"class_names": names, "readout": ckpt["readout"]}
+                             ) as table, \
+                    tqdm(total=n, unit="row", desc="evaluate", disable=not progress,
+                         dynamic_ncols=True) as bar:
+                for start, raw in emb.iter_chunks(chunk_rows):
+                    rows = slice(start, start + len(raw))
+                    chunk = scorer.score(raw, first_row=start)
+                    predicted["lra_diffusion"][rows] = chunk.predicted
+                    predicted["knn_vote"][rows] = knn_vote(
+                        ret.neighbour_labels[rows], 1.0 - ret.distances[rows], c)
+                    for name, probe in probes.items():
+                        predicted[name][rows] = probe.predict(raw)
+                    if chunk.vote is not None:
+                        predicted["lra_diffusion_vote"][rows] = chunk.vote
+                    table.write(_prediction_rows(emb, lab, rows, chunk,
+                                                 predicted["knn_vote"][rows]))
+                    bar.update(len(raw))
+
+            metrics = evaluation_metrics(predicted, clean=lab.clean, observed=lab.observed,
+                                         split=emb.split, methods_always=("clean_linear",))
+            metrics["model"] = {k: ckpt["info"][k] for k in ("epoch", "weights", "readout",
+                                                              "val_accuracy")}
             write_json(metrics, out.path(out_dir / "metrics.json"))
-            write_table(pa.table(columns), out.path(out_dir / "predictions.parquet"),
-                        metadata={"class_names": names, "readout": ckpt["readout"]})
+            test = emb.rows("test")
+            test = test[lab.clean[test] != UNKNOWN]
             rows = [{"actual": names[a], "predicted": names[b]}
                     for a, b in zip(lab.clean[test], predicted["lra_diffusion"][test])]
             write_csv(rows or [{"actual": "", "predicted": ""}],
                       out.path(out_dir / "confusion.csv"))
+
+
+def _fit_probes(emb: EmbeddingsFile, lab: Labels, cfg: EvaluateConfig
+                ) -> dict[str, LinearProbe]:
+    """The linear baselines on the raw embeddings: observed labels, and clean labels when
+    every train label is known. Fitted on at most cfg.linear_max_rows train rows (a fixed
+    random subset, the same for both probes)."""
+    train = emb.rows("train")
+    if len(train) > cfg.linear_max_rows:
+        pick = np.random.default_rng(0).choice(len(train), cfg.linear_max_rows, replace=False)
+        train = train[np.sort(pick)]
+    x = emb.read_rows(train)
+    fit = {"l2": cfg.linear_l2, "iters": cfg.linear_iters, "num_classes": lab.num_classes}
+    probes = {"noisy_linear": fit_linear(x, lab.observed[train], **fit)}
+    if (lab.clean[emb.rows("train")] != UNKNOWN).all():
+        probes["clean_linear"] = fit_linear(x, lab.clean[train], **fit)
+    return probes
+
+
+def _prediction_schema(num_classes: int, *, vote: bool) -> pa.Schema:
+    fields = [("sample_id", pa.int64()), ("split", pa.string()), ("true", pa.int64()),
+              ("observed", pa.int64()), ("predicted", pa.int64()), ("knn_vote", pa.int64()),
+              ("scores", pa.list_(pa.float32(), num_classes))]
+    if vote:
+        fields += [("vote", pa.int64()), ("confidence", pa.float32())]
+    return pa.schema(fields)
+
+
+def _prediction_rows(emb: EmbeddingsFile, lab: Labels, rows: slice, chunk: ChunkPredictions,
+                     knn: np.ndarray) -> pa.Table:
+    """predictions.parquet rows for one chunk (schema: `_prediction_schema`)."""
+    clean = lab.clean[rows]
+    columns = {
+        "sample_id": pa.array(emb.sample_id[rows], type=pa.int64()),
+        "split": pa.array(list(emb.split[rows]), type=pa.string()),
+        "true": pa.array(clean, type=pa.int64(), mask=clean == UNKNOWN),
+        "observed": pa.array(lab.observed[rows], type=pa.int64()),
+        "predicted": pa.array(chunk.predicted, type=pa.int64()),
+        "knn_vote": pa.array(knn, type=pa.int64()),
+        "scores": fixed_list_array(chunk.scores.astype(np.float32), pa.float32()),
+    }
+    if chunk.vote is not None:
+        columns["vote"] = pa.array(chunk.vote, type=pa.int64())
+        columns["confidence"] = pa.array(chunk.confidence, type=pa.float32())
+    return pa.table(columns)

@@ -21,7 +21,7 @@ from pipeline.config import Params, as_dict
 from pipeline.errors import ArtifactError
 from pipeline.features import FeatureNormalizer
 from pipeline.model import ModelSpec
-from pipeline.tables import (UNKNOWN, check_same_samples, read_embeddings, read_labels,
+from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_labels,
                              read_retrieval)
 from pipeline.training import TrainData, train_diffusion
 from stages.app import (DeviceOption, NprocOption, ParamsOption, ProgressOption,
@@ -75,7 +75,7 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
            dev: str, threads: int, progress: bool, ctx: distributed.DistContext) -> None:
     """The stage body on one rank; only rank 0 writes."""
     set_threads(threads)
-    emb = read_embeddings(embeddings)
+    emb = open_embeddings(embeddings)  # vectors are read below, train and val rows only
     lab = read_labels(labels)
     if threads == 0 and dev == "cpu":
         _one_thread_for_small_steps(p, dim=emb.dim, num_classes=lab.num_classes)
@@ -90,11 +90,13 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
     # observed ones (real-noise datasets without a clean val split).
     val_truth = np.where(lab.clean[val_rows] != UNKNOWN, lab.clean[val_rows],
                          lab.observed[val_rows])
-    norm = FeatureNormalizer.fit(emb.vectors[train_rows], p.train.feature_norm)
-    # Only the rows training uses: test rows are never normalised here.
-    data = TrainData(features=torch.from_numpy(norm.apply(emb.vectors[train_rows])).to(dev),
+    # Only the rows training uses, read by record batch and normalised in place: the
+    # stage holds one copy of the train features (test rows are never read here).
+    train_x, val_x = emb.read_rows(train_rows), emb.read_rows(val_rows)
+    norm = FeatureNormalizer.fit(train_x, p.train.feature_norm)
+    data = TrainData(features=torch.from_numpy(norm.apply_inplace(train_x)).to(dev),
                      candidates=torch.from_numpy(ret.candidates[train_rows]).to(dev),
-                     val_features=torch.from_numpy(norm.apply(emb.vectors[val_rows])).to(dev),
+                     val_features=torch.from_numpy(norm.apply_inplace(val_x)).to(dev),
                      val_labels=torch.from_numpy(val_truth).to(dev),
                      num_classes=lab.num_classes)
     result = train_diffusion(data, p.train, progress=progress)

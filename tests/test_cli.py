@@ -155,6 +155,44 @@ def test_rerun_writes_byte_identical_outputs(run_copy, pipeline_run):
         hashes(pipeline_run.root, [ARTIFACTS[n] for n in names])
 
 
+def test_evaluate_streams_the_same_result_whatever_the_chunk_size(run_copy, tmp_path):
+    """Evaluation scores the embeddings chunk by chunk: predictions (scores, votes and
+    their stochastic confidence) and metrics are byte-identical for any --chunk-rows."""
+    params = deep_merge(run_copy.params, {"evaluate": {"stochastic_samples": 4}})
+    params_path = write_params(tmp_path / "params.yaml", params)
+    outputs = []
+    for chunk in ("16384", "37"):
+        out_dir = tmp_path / f"eval-{chunk}"
+        args = stage_args("evaluate", run_copy.root, params_path)
+        args[args.index("--out-dir") + 1] = str(out_dir)
+        result = invoke([*args, "--chunk-rows", chunk])
+        assert result.exit_code == 0, result.stderr
+        outputs.append(out_dir)
+    for name in ("predictions.parquet", "metrics.json", "confusion.csv"):
+        assert sha256(outputs[0] / name) == sha256(outputs[1] / name), name
+    table = pq.read_table(outputs[1] / "predictions.parquet")
+    assert table.num_rows == len(pq.read_table(run_copy.path("embeddings"))) > 37
+    conf = table.column("confidence").to_numpy()
+    assert ((conf >= 0.25) & (conf <= 1.0)).all()
+    assert pq.ParquetFile(outputs[1] / "predictions.parquet").metadata.num_row_groups == 1
+
+
+def test_evaluate_fits_linear_probes_on_at_most_linear_max_rows(run_copy, pipeline_run,
+                                                                tmp_path):
+    """The probes see a fixed subset of linear_max_rows train rows; the diffusion model's
+    and kNN's results do not depend on it."""
+    params = deep_merge(run_copy.params, {"evaluate": {"linear_max_rows": 40}})
+    params_path = write_params(tmp_path / "params.yaml", params)
+    result = invoke(stage_args("evaluate", run_copy.root, params_path))
+    assert result.exit_code == 0, result.stderr
+    small = json.loads(run_copy.path("metrics").read_text())["test_accuracy"]
+    full = json.loads(pipeline_run.path("metrics").read_text())["test_accuracy"]
+    assert small["lra_diffusion"] == full["lra_diffusion"]
+    assert small["knn_vote"] == full["knn_vote"]
+    # 40 rows (4 per class) make a weaker clean probe than the whole train split.
+    assert small["clean_linear"] < full["clean_linear"] - 0.02
+
+
 # --------------------------------------------------------------------------- usage errors
 def test_unknown_option_is_a_usage_error(tmp_path):
     result = invoke(["prepare", "--bogus", "--out-dir", tmp_path / "out"])

@@ -123,6 +123,7 @@ def test_nullable_fields_accept_null():
     ("train", "feature_dim", 0),
     ("evaluate", "linear_l2", -1e-3),
     ("evaluate", "linear_iters", 0),
+    ("evaluate", "linear_max_rows", 0),
     ("evaluate", "stochastic_samples", -1),
 ])
 def test_out_of_range_values_name_key_and_value(section, key, value):

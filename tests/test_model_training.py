@@ -15,7 +15,8 @@ from pipeline.config import TrainConfig
 from pipeline.diffusion import (alphas_cumprod, cosine_betas, ddim_sample, ddim_timesteps,
                                 readout)
 from pipeline.features import FeatureNormalizer
-from pipeline.inference import predict_scores, stochastic_vote
+from pipeline import inference
+from pipeline.inference import predict_scores, start_noise, stochastic_vote
 from pipeline.model import ConditionalLinear, DiffusionClassifier, ModelSpec
 from pipeline.retrieval import candidate_labels
 from pipeline.training import TrainData, draw_targets, learning_rate, train_diffusion
@@ -388,11 +389,37 @@ def test_stochastic_vote_shapes_range_and_determinism():
     vote2, conf2 = stochastic_vote(model, feats, seed=1, **kw)
     assert torch.equal(vote, vote2) and torch.equal(conf, conf2)
     # the vote is the most frequent per-sample decision: recompute it by hand
-    gen = torch.Generator().manual_seed(1)
     rep = feats.repeat_interleave(6, dim=0)
+    y_start = start_noise(0, 9, samples=6, num_classes=4, seed=1, device="cpu")
     y0 = ddim_sample(model.eval(), rep, abar=abar, timesteps=steps, num_classes=4,
-                     y_start=torch.randn(rep.shape[0], 4, generator=gen))
+                     y_start=y_start)
     decided = readout(y0, "argmax").view(9, 6)
     counts = torch.stack([torch.bincount(r, minlength=4) for r in decided])
     assert torch.equal(counts.max(dim=1).values.float() / 6, conf)
     assert (counts.gather(1, vote[:, None]).squeeze(1) == counts.max(dim=1).values).all()
+    assert not torch.equal(start_noise(0, 9, samples=6, num_classes=4, seed=2, device="cpu"),
+                           y_start)
+
+
+def test_start_noise_does_not_depend_on_chunking(monkeypatch):
+    """A row's starting draws are the same whatever chunk it is scored in, so the vote
+    does not change with --chunk-rows."""
+    monkeypatch.setattr(inference, "NOISE_BLOCK_ROWS", 4)
+    whole = start_noise(0, 11, samples=3, num_classes=2, seed=5, device="cpu")  # (33, 2)
+    assert whole.shape == (33, 2)
+    parts = torch.cat([start_noise(a, b - a, samples=3, num_classes=2, seed=5, device="cpu")
+                       for a, b in [(0, 3), (3, 9), (9, 11)]])
+    assert torch.equal(whole, parts)
+    assert len(torch.unique(whole)) == whole.numel()  # no block repeats another's draws
+
+    torch.manual_seed(0)
+    model = DiffusionClassifier(spec(timesteps=100))
+    abar = alphas_cumprod(cosine_betas(100)).float()
+    kw = dict(abar=abar, timesteps=ddim_timesteps(100, 5), num_classes=4, samples=5,
+              rule="argmax", seed=3)
+    feats = torch.randn(13, 12)
+    vote, conf = stochastic_vote(model, feats, chunk_rows=10, **kw)
+    pieces = [stochastic_vote(model, feats[a:b], first_row=a, chunk_rows=15, **kw)
+              for a, b in [(0, 5), (5, 13)]]
+    assert torch.equal(vote, torch.cat([v for v, _ in pieces]))
+    assert torch.equal(conf, torch.cat([c for _, c in pieces]))

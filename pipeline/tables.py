@@ -256,6 +256,33 @@ def write_retrieval(path: str | Path, *, sample_id: np.ndarray, split: np.ndarra
     write_table(table, path, metadata=metadata)
 
 
+@dataclass(frozen=True)
+class NeighbourChunks:
+    """A retrieval table opened for streaming the neighbours' labels and distances, which
+    is all evaluation needs: sample_id (N,) int64 now, the (b, k) columns chunk by chunk."""
+
+    path: Path
+    sample_id: np.ndarray
+    meta: dict[str, Any]
+
+    def iter_chunks(self, chunk_rows: int = ROW_GROUP_ROWS
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield (first row, neighbour_labels (b, k) int64, distances (b, k) float32)."""
+        start = 0
+        reader = pq.ParquetFile(self.path)
+        for batch in reader.iter_batches(batch_size=chunk_rows,
+                                         columns=["neighbour_labels", "distances"]):
+            labels = list_column_to_numpy(batch.column(0), np.int64)
+            yield start, labels, list_column_to_numpy(batch.column(1), np.float32)
+            start += len(labels)
+
+
+def open_neighbours(path: str | Path) -> NeighbourChunks:
+    table, meta = read_table(path, "retrieval table", columns=("sample_id",), required=(
+        "sample_id", "neighbour_labels", "distances"))
+    return NeighbourChunks(Path(path), table.column("sample_id").to_numpy(), meta)
+
+
 def read_retrieval(path: str | Path) -> Retrieval:
     table, meta = read_table(path, "retrieval table", required=(
         "sample_id", "split", "neighbour_ids", "distances", "neighbour_labels",

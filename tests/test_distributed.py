@@ -417,6 +417,9 @@ in the two runs), and Adam turns noise into steps of up to lr (measured 4e-4 her
 norm_x.running_mean tracks that bias. Both are checked only through what the network
 computes (the validation scores), where they cancel."""
 CANCELLED = ("embed_x.bias", "norm_x.running_mean")
+SCORE_TOLERANCE = {"rtol": 1e-5, "atol": 2e-5}
+"""Validation scores: the weights' rounding differences carried through 5 DDIM steps of
+the network (measured max abs difference 8e-6 on scores of magnitude ~1)."""
 
 
 def _assert_same_weights(single: dict, ddp: dict) -> None:
@@ -474,7 +477,7 @@ def test_train_stage_two_ranks(train_inputs, tmp_path):
                         num_classes=3)
     s2 = predict_scores(m2, data.val_features, abar=abar, timesteps=ddim_timesteps(50, 5),
                         num_classes=3)
-    assert_close(s2, s1, **TOLERANCE, msg="validation scores")
+    assert_close(s2, s1, **SCORE_TOLERANCE, msg="validation scores")
     _assert_close_logs(one / "train_log.csv", two / "train_log.csv")
 
 

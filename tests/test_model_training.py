@@ -423,3 +423,39 @@ def test_start_noise_does_not_depend_on_chunking(monkeypatch):
               for a, b in [(0, 5), (5, 13)]]
     assert torch.equal(vote, torch.cat([v for v, _ in pieces]))
     assert torch.equal(conf, torch.cat([c for _, c in pieces]))
+
+
+def test_conditioning_once_matches_the_whole_forward_pass():
+    """ddim_sample computes the features-only part once per image; the trajectory is the
+    one a model run whole at every step gives (up to float rounding)."""
+    torch.manual_seed(0)
+    model = DiffusionClassifier(spec(timesteps=100)).eval()
+    feats, y = torch.randn(7, 12), torch.randn(7, 4)
+    t = torch.randint(0, 101, (7,))
+    # The first layer as written in the paper: one product of the concatenation.
+    lin1 = model.lin1.linear(torch.cat([y, feats], dim=1)) * model.lin1.gamma(t)
+    x_emb, f_term = model.condition(feats)
+    c = model.spec.num_classes
+    split = (y @ model.lin1.linear.weight[:, :c].T + f_term) * model.lin1.gamma(t)
+    torch.testing.assert_close(split, lin1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(y, t, feats),
+                               model.forward_conditioned(y, t, (x_emb, f_term)))
+
+    class Whole(torch.nn.Module):  # the same network without the split
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, y_t, t_b, f):
+            return self.inner(y_t, t_b, f)
+
+    abar = alphas_cumprod(cosine_betas(100)).float()
+    steps = ddim_timesteps(100, 10)
+    with torch.no_grad():
+        fast = ddim_sample(model, feats, abar=abar, timesteps=steps, num_classes=4)
+        slow = ddim_sample(Whole(model), feats, abar=abar, timesteps=steps, num_classes=4)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    s = model.spec
+    assert s.sampling_flops_per_sample(10) == (s.condition_flops_per_sample()
+                                              + 10 * s.step_flops_per_sample())
+    assert s.sampling_flops_per_sample(1) == s.flops_per_sample()

@@ -280,18 +280,20 @@ def main(
         run.write()
 
     if "evaluate" in chosen:
-        from pipeline.model import DiffusionClassifier, ModelSpec
+        from pipeline.model import ModelSpec
 
-        fwd = DiffusionClassifier(ModelSpec(num_classes=sc.classes, feature_dim_in=sc.dim,
-                                            hidden=sc.hidden, timesteps=1000)).flops_per_sample()
+        flops = ModelSpec(num_classes=sc.classes, feature_dim_in=sc.dim, hidden=sc.hidden,
+                          timesteps=1000).sampling_flops_per_sample(10)
         # Budget check assumes 30 % of the matmul throughput (small products, DDIM steps).
-        per_row = 10 * fwd / (0.3 * run.matmul_fp32)
+        per_row = flops / (0.3 * run.matmul_fp32)
         rows = sc.n if sc.n * per_row <= seconds_budget else max(
             eval_chunk, int(seconds_budget / per_row) // eval_chunk * eval_chunk)
         run.raw["evaluate"] = []
-        for r in sorted({min(rows, sc.n), min(eval_chunk, sc.n)}, reverse=True):
+        # Two table sizes: the difference of their peaks is what memory grows with N.
+        for r in sorted({rows, max(min(eval_chunk, sc.n), rows // 4)}, reverse=True):
             res = _step(run, "evaluate", f"rows={r}", evaluate.child, data_dir=data_dir,
-                        scale=sc.to_dict(), rows=r, chunk_rows=eval_chunk, device=dev, **common)
+                        scale=sc.to_dict(), rows=r, chunk_rows=eval_chunk, device=dev,
+                        stage_threads=threads, **common)
             if res:
                 run.raw["evaluate"].append(res)
         run.write()

@@ -1,17 +1,20 @@
-"""evaluate: the deterministic 10-step DDIM trajectory (`pipeline.inference.predict_scores`)
-over the scale's N rows, in chunks, with a randomly initialised network of the scale's
-width (speed does not depend on the weights).
+"""evaluate: the `lra evaluate` stage itself (`stages.evaluate.evaluate`, called in-process)
+on the pipeline's artifacts for the first `rows` synthetic rows (`bench.tables`): embeddings
+and neighbours streamed chunk by chunk, the 10-step mean-start DDIM trajectory of a randomly
+initialised network of the scale's width (speed does not depend on the weights), kNN vote,
+the two linear probes (fitted on at most evaluate.linear_max_rows train rows), metrics and
+predictions.parquet written by chunk.
 
-Limit: rows/s = matmul FLOP/s / (DDIM steps x forward FLOPs per row). No target is set by
-the issue; the memory rule is that evaluation streams: peak memory beyond the arrays it
-must hold (features (N, D) and scores (N, C)) must not grow with N. Two measurements
-check that: all N rows, and one chunk of rows, on the same loaded data;
-`memory_growth_bytes_per_row` is the difference of their overheads per extra row.
-When N rows would take longer than the time budget, the first rows (a multiple of the
-chunk) are run and the time is extrapolated (`extrapolated_from_rows`).
-
-Memory mirrors `stages/evaluate.py`: the raw embeddings stay loaded next to the
-normalised copy made by `FeatureNormalizer.apply`.
+Limit: rows/s = matmul FLOP/s / FLOPs per row of the trajectory (the features-only part of
+the network once, the rest at each of the 10 steps: `ModelSpec.sampling_flops_per_sample`);
+the probes' fitting
+and the I/O are part of the stage's time but not of the limit. The memory rule is that
+evaluation streams: the stage runs on two table sizes and `memory_growth_bytes_per_row`
+(the difference of their peaks per extra row) says what memory grows with N. The arrays
+it must hold: the probes' fitting subset, one chunk of embeddings and scores, and the
+per-row ids, splits, labels and predicted classes. When N rows would take longer than the
+time budget, the stage runs on the first rows and the time is extrapolated
+(`extrapolated_from_rows`).
 """
 
 from __future__ import annotations
@@ -20,43 +23,45 @@ from typing import Any
 
 from bench.records import record
 
+PER_ROW_BYTES = 8 + 8 + 8 + 8 + 5 * 8 + 64
+"""Per-row arrays the stage holds: sample_id, clean, observed (int64), the split as a
+Python object (pointer + ~56-byte str), 5 methods' predicted classes (int64)."""
+
 
 def child(*, data_dir: str, scale: dict, rows: int, chunk_rows: int, device: str,
-          ddim_steps: int = 10, timesteps: int = 1000) -> dict[str, Any]:
-    import torch
+          stage_threads: int) -> dict[str, Any]:
+    """Runs in a fresh process; stage_threads: the stage's --threads (0: its default)."""
+    import tempfile
+    from pathlib import Path
 
-    from bench import synthetic
+    import yaml
+
+    from bench import tables
     from bench.measure import MemoryProbe, Timer
-    from pipeline.diffusion import alphas_cumprod, cosine_betas, ddim_timesteps, readout
-    from pipeline.features import FeatureNormalizer
-    from pipeline.inference import predict_scores
-    from pipeline.model import DiffusionClassifier, ModelSpec
+    from pipeline.model import ModelSpec
+    from stages.evaluate import evaluate
 
-    stage_probe = MemoryProbe(device)
-    raw = synthetic.load(data_dir, ("embeddings",))["embeddings"]
-    n, d = raw.shape
-    norm = FeatureNormalizer.fit(raw[: min(n, 65_536)], "standardize")  # from the checkpoint
-    feats = torch.from_numpy(norm.apply(raw)).to(device)
-    c = scale["classes"]
-    torch.manual_seed(0)
-    spec = ModelSpec(num_classes=c, feature_dim_in=d, hidden=scale["hidden"], timesteps=timesteps)
-    model = DiffusionClassifier(spec).to(device).eval()
-    abar = alphas_cumprod(cosine_betas(timesteps)).float().to(device)
-    steps = ddim_timesteps(timesteps, ddim_steps)
-    predict_scores(model, feats[:256], abar=abar, timesteps=steps, num_classes=c)  # warm-up
-    prep_peak = stage_probe.process_peak()
-
+    folder = tables.materialise(data_dir, rows=rows, scale=scale)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
     probe = MemoryProbe(device)
-    with Timer(device) as timer:
-        scores = predict_scores(model, feats[:rows], abar=abar, timesteps=steps, num_classes=c,
-                                chunk_rows=chunk_rows)
-        readout(scores, "argmax")
+    with tempfile.TemporaryDirectory() as out, Timer(device) as timer:
+        evaluate(params=folder / "params.yaml", model=folder / "model.pt",
+                 embeddings=folder / "embeddings.parquet", labels=folder / "labels.parquet",
+                 retrieval=folder / "neighbours.parquet", out_dir=Path(out), device=device,
+                 chunk_rows=chunk_rows, threads=stage_threads, progress=False)
     mem = probe.report()
-    return {"n": n, "dim": d, "rows": rows, "chunk_rows": chunk_rows, "device": device,
-            "ddim_steps": ddim_steps, "flops_per_row_step": model.flops_per_sample(),
-            "seconds": timer.seconds, "kernel": mem,
-            "stage_peak_memory_bytes": max(prep_peak, probe.process_peak()) - stage_probe.baseline,
-            "features_bytes": n * d * 4, "scores_bytes": rows * c * 4}
+    spec = ModelSpec(num_classes=scale["classes"], feature_dim_in=scale["dim"],
+                     hidden=scale["hidden"], timesteps=params["train"]["timesteps"])
+    n_train = rows - tables.val_rows(rows)
+    probe_rows = min(n_train, params["evaluate"]["linear_max_rows"])
+    chunk = min(chunk_rows, rows)
+    array_bytes = (probe_rows * scale["dim"] * 4 + chunk * (scale["dim"] + scale["classes"]) * 4
+                   + rows * PER_ROW_BYTES)
+    return {"n": scale["n"], "dim": scale["dim"], "rows": rows, "chunk_rows": chunk_rows,
+            "device": device, "ddim_steps": 10,
+            "flops_per_row": spec.sampling_flops_per_sample(10),
+            "seconds": timer.seconds, "probe_rows": probe_rows, **mem,
+            "array_bytes": array_bytes}
 
 
 def records(raw: list[dict[str, Any]], *, scale: str, matmul_flops: float) -> list[dict]:
@@ -64,27 +69,25 @@ def records(raw: list[dict[str, Any]], *, scale: str, matmul_flops: float) -> li
     by_rows = sorted(raw, key=lambda r: r["rows"])
     for res in sorted(raw, key=lambda r: -r["rows"]):
         n, rows = res["n"], res["rows"]
-        seconds = res["seconds"] * n / rows
-        flops_row = res["ddim_steps"] * res["flops_per_row_step"]
-        array_bytes = res["features_bytes"] + n * (res["scores_bytes"] // rows)
-        overhead = res["kernel"]["peak_memory_bytes"] - res["scores_bytes"]
+        flops_row = res["flops_per_row"]
         extra: dict[str, Any] = {}
         if res is by_rows[-1] and len(by_rows) > 1:
             a = by_rows[0]
-            over_a = a["kernel"]["peak_memory_bytes"] - a["scores_bytes"]
-            extra["memory_growth_bytes_per_row"] = (overhead - over_a) / (rows - a["rows"])
+            extra["memory_growth_bytes_per_row"] = (
+                (res["peak_memory_bytes"] - a["peak_memory_bytes"]) / (rows - a["rows"]))
         out.append(record(
-            "evaluate", scale, variant=f"predict_scores rows={rows} chunk={res['chunk_rows']} "
+            "evaluate", scale, variant=f"lra evaluate rows={rows} chunk={res['chunk_rows']} "
                                        f"({res['device']})",
-            seconds=seconds, peak_memory_bytes=res["stage_peak_memory_bytes"],
-            throughput=n / seconds, throughput_unit="rows/s",
+            seconds=res["seconds"], peak_memory_bytes=res["peak_memory_bytes"],
+            throughput=rows / res["seconds"], throughput_unit="rows/s",
             limit=matmul_flops / flops_row,
-            limit_kind="fp32 matmul FLOP/s / (DDIM steps x forward FLOPs per row)",
-            array_bytes=array_bytes, rows=rows, n=n, measured_seconds=res["seconds"],
+            limit_kind="fp32 matmul FLOP/s / FLOPs of a 10-step DDIM trajectory per row",
+            array_bytes=res["array_bytes"], rows=rows, n=n,
+            seconds_at_scale=res["seconds"] * n / rows,
             extrapolated_from_rows=rows if rows < n else None,
-            achieved_flop_per_s=flops_row * n / seconds, matmul_flop_per_s=matmul_flops,
-            kernel_peak_memory_bytes=res["kernel"]["peak_memory_bytes"],
-            kernel_overhead_bytes=overhead, chunk_rows=res["chunk_rows"],
-            peak_device_memory_bytes=res["kernel"].get("peak_device_memory_bytes"),
-            process_peak_rss_bytes=res["kernel"]["process_peak_rss_bytes"], **extra))
+            achieved_flop_per_s=flops_row * rows / res["seconds"],
+            matmul_flop_per_s=matmul_flops, chunk_rows=res["chunk_rows"],
+            probe_rows=res["probe_rows"],
+            peak_device_memory_bytes=res.get("peak_device_memory_bytes"),
+            process_peak_rss_bytes=res["process_peak_rss_bytes"], **extra))
     return out

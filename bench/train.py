@@ -7,10 +7,11 @@ Elementwise work (BatchNorm, Softplus, the gamma-table gathers and their scatter
 gradients, Adam over the gamma tables, gradient clipping, EMA) is not counted: it is the
 overhead the fraction exposes.
 
-Memory mirrors `stages/train.py`: the raw embeddings stay loaded, `FeatureNormalizer.apply`
-makes the normalised copy, `feats[train_rows]` the train-split copy, then the epoch. The
-arrays the stage must hold are one (N, D) float32 feature matrix, the (N, k + 1) int64
-candidates, and the model with its gradients, two Adam moments and the EMA copy.
+Inputs are the pipeline's Parquet artifacts (`bench.tables`), loaded as `stages/train.py`
+loads them: the train and val rows read by record batch, `FeatureNormalizer.apply_inplace`,
+the retrieval table's candidates, then the epoch. The arrays the stage must hold are one
+(N, D) float32 feature matrix, the (N, k + 1) int64 candidates, and the model with its
+gradients, two Adam moments and the EMA copy.
 
 Diagnostics (not part of the headline): the fp32 throughput of the network's own GEMM
 shapes at this batch size (the small-matrix ceiling), and a split of a step's time into
@@ -35,28 +36,31 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     from torch import nn
     from torch.nn import functional as F
 
-    from bench import synthetic
+    from bench import tables
     from bench.limits import gemm_throughput
     from bench.measure import MemoryProbe, Timer
     from pipeline.config import TrainConfig
     from pipeline.diffusion import alphas_cumprod, antithetic_timesteps, cosine_betas, q_sample
     from pipeline.features import FeatureNormalizer
     from pipeline.model import DiffusionClassifier, ModelSpec
+    from pipeline.tables import open_embeddings, read_labels, read_retrieval
     from pipeline.training import TrainData, draw_targets, train_diffusion
 
+    folder = tables.materialise(data_dir, rows=scale["n"], scale=scale)
     stage_probe = MemoryProbe(device)
-    arrays = synthetic.load(data_dir, ("embeddings", "candidates", "clean"))
-    raw = arrays["embeddings"]
-    n, d = raw.shape
-    norm = FeatureNormalizer.fit(raw, "standardize")
-    feats = torch.from_numpy(norm.apply(raw))
-    train_rows = torch.arange(n)
-    val = torch.arange(val_rows)
-    data = TrainData(features=feats[train_rows].to(device),
-                     candidates=torch.from_numpy(arrays["candidates"]).to(device),
-                     val_features=feats[val].to(device),
-                     val_labels=torch.from_numpy(arrays["clean"][:val_rows]).to(device),
+    # As stages/train.py loads: train and val rows read by record batch, normalised in place.
+    emb = open_embeddings(folder / "embeddings.parquet")
+    lab = read_labels(folder / "labels.parquet")
+    ret = read_retrieval(folder / "neighbours.parquet")
+    train_rows, val = emb.rows("train"), emb.rows("val")[:val_rows]
+    train_x, val_x = emb.read_rows(train_rows), emb.read_rows(val)
+    norm = FeatureNormalizer.fit(train_x, "standardize")
+    data = TrainData(features=torch.from_numpy(norm.apply_inplace(train_x)).to(device),
+                     candidates=torch.from_numpy(ret.candidates[train_rows]).to(device),
+                     val_features=torch.from_numpy(norm.apply_inplace(val_x)).to(device),
+                     val_labels=torch.from_numpy(lab.clean[val]).to(device),
                      num_classes=scale["classes"])
+    n, d = data.features.shape
     cfg = TrainConfig(epochs=1, warmup_epochs=0, batch_size=batch, feature_dim=scale["hidden"],
                       eval_every=1)
     # Warm-up (thread pools, oneDNN kernels) on a slice, not timed.
@@ -79,7 +83,7 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     buffers = sum(b.numel() for b in model.buffers())
     # param + grad + Adam exp_avg + exp_avg_sq + EMA copy (params and buffers), float32
     model_bytes = 4 * (5 * params + 2 * buffers)
-    array_bytes = n * d * 4 + arrays["candidates"].nbytes + model_bytes
+    array_bytes = n * d * 4 + data.candidates.numel() * 8 + model_bytes
 
     # ---- diagnostics: GEMM ceiling at the layer shapes, and a step split
     c, h = scale["classes"], scale["hidden"]

@@ -25,11 +25,19 @@ def normalized(x: np.ndarray) -> np.ndarray:
 
 
 def build_index(embeddings: np.ndarray, ids: np.ndarray, *, factory: str,
-                seed: int = 0) -> faiss.Index:
+                seed: int = 0, in_place: bool = False) -> faiss.Index:
     """Build an inner-product index of the L2-normalised `embeddings` (N, D) float32,
     labelled by `ids` (N,) int64. Trains the index first when the factory needs it
-    (IVF, PQ), on all vectors, with a fixed clustering seed."""
-    x = normalized(embeddings)
+    (IVF, PQ), on all vectors, with a fixed clustering seed. in_place: normalise the
+    caller's C-contiguous float32 array itself instead of a copy (one (N, D) array less
+    at the peak; the array is left normalised)."""
+    if in_place:
+        if embeddings.dtype != np.float32 or not embeddings.flags.c_contiguous:
+            raise TypeError("build_index(in_place=True) needs a C-contiguous float32 array")
+        x = embeddings
+        faiss.normalize_L2(x)
+    else:
+        x = normalized(embeddings)
     dim = x.shape[1]
     try:
         base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)

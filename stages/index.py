@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.errors import ArtifactError
 from pipeline.index import build_index, save_index
-from pipeline.tables import read_embeddings
+from pipeline.tables import open_embeddings
 from stages.app import ParamsOption, ThreadsOption, app, set_threads, stage
 
 
@@ -18,11 +18,14 @@ def index(params: ParamsOption = Path("params.yaml"),
     """Build the FAISS index (index.factory) over the train split."""
     with stage("index", params) as p:
         set_threads(threads)
-        emb = read_embeddings(embeddings)
+        emb = open_embeddings(embeddings)
         train = emb.rows("train")
         if len(train) == 0:
             raise ArtifactError(f"embeddings at {embeddings} have no train-split rows")
-        idx = build_index(emb.vectors[train], emb.sample_id[train], factory=p.index.factory)
+        # Only the train rows are read, and normalised in place: the peak is those rows
+        # plus the index's own copy.
+        idx = build_index(emb.read_rows(train), emb.sample_id[train], factory=p.index.factory,
+                          in_place=True)
         with StageWriter() as out:
             save_index(idx, out.path(out_dir / "train.faiss"))
             write_json({"factory": p.index.factory, "metric": "inner_product_l2_normalised",

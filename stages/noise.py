@@ -10,7 +10,7 @@ from pipeline.artifacts import StageWriter, write_json
 from pipeline.config import as_dict
 from pipeline.errors import ConfigError
 from pipeline.noise import make_noisy_labels, needs_probe, observed_rate
-from pipeline.tables import (UNKNOWN, check_same_samples, read_embeddings, read_prepared,
+from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_prepared,
                              write_labels)
 from stages.app import ParamsOption, app, stage
 
@@ -42,12 +42,13 @@ def noise(params: ParamsOption = Path("params.yaml"),
                 # Imported here: only PMD needs torch, and importing it costs seconds.
                 from pipeline.linear import fit_linear
 
-                emb = read_embeddings(embeddings)
+                emb = open_embeddings(embeddings)
                 check_same_samples(emb.sample_id, sample_id, "embeddings", "prepared table")
+                x = emb.read_rows(train)  # the train rows only
                 # fit_linear's defaults, deliberately not evaluate.*: changing an evaluation
                 # knob must not rerun the noise stage and everything after it.
-                probe = fit_linear(emb.vectors[train], clean[train], num_classes=data.num_classes)
-                probs = probe.predict_proba(emb.vectors[train])
+                probe = fit_linear(x, clean[train], num_classes=data.num_classes)
+                probs = probe.predict_proba(x)
             observed[train] = make_noisy_labels(clean[train], num_classes=data.num_classes,
                                                 cfg=cfg, probs=probs,
                                                 sample_ids=sample_id[train])

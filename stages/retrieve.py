@@ -11,7 +11,7 @@ from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import apply_search_params, load_index
 from pipeline.retrieval import (candidate_labels, label_distribution,
                                 neighbours_excluding_self, own_label_agreement)
-from pipeline.tables import (UNKNOWN, check_same_samples, read_embeddings, read_labels,
+from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_labels,
                              write_retrieval)
 from stages.app import ParamsOption, ThreadsOption, app, set_threads, stage
 
@@ -26,7 +26,7 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
     with stage("retrieve", params) as p:
         set_threads(threads)
         k = p.retrieve.k
-        emb = read_embeddings(embeddings)
+        emb = open_embeddings(embeddings)
         lab = read_labels(labels)
         check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
         idx = load_index(index_path)
@@ -39,7 +39,14 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
             raise ConfigError(f"retrieve.k: {k} must be smaller than the train split "
                               f"({n_train} samples)")
         apply_search_params(idx, p.index.search_params)
-        ids, sims = neighbours_excluding_self(idx, emb.vectors, emb.sample_id, k=k)
+        # Queries stream by record batch: the index and the (N, k) results are held, the
+        # embeddings one chunk at a time.
+        n = len(emb.sample_id)
+        ids, sims = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float32)
+        for start, chunk in emb.iter_chunks():
+            rows = slice(start, start + len(chunk))
+            ids[rows], sims[rows] = neighbours_excluding_self(idx, chunk, emb.sample_id[rows],
+                                                              k=k)
         # Sample ids are 0..N-1 row positions in every table, so ids index arrays directly.
         neighbour_labels = lab.observed[ids]  # (N, k)
         is_train = emb.split == "train"

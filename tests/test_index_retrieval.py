@@ -70,6 +70,19 @@ def test_search_chunking_is_invariant():
     np.testing.assert_array_equal(s1, s2)
 
 
+def test_build_index_in_place_normalises_the_callers_array():
+    x = random_vectors(40, 8) * 3.0
+    q = random_vectors(4, 8, seed=2)
+    ids = np.arange(40, dtype=np.int64)
+    copy_index = build_index(x, ids, factory="Flat")
+    buf = np.ascontiguousarray(x, dtype=np.float32)
+    in_place = build_index(buf, ids, factory="Flat", in_place=True)
+    np.testing.assert_allclose(np.linalg.norm(buf, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(search(in_place, q, 5)[1], search(copy_index, q, 5)[1])
+    with pytest.raises(TypeError):
+        build_index(x.astype(np.float64), ids, factory="Flat", in_place=True)
+
+
 def test_dimension_mismatch_is_artifact_error():
     index = build_index(random_vectors(10, 8), np.arange(10), factory="Flat")
     with pytest.raises(ArtifactError, match="dimension 6"):

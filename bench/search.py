@@ -166,7 +166,7 @@ def faiss_child(*, data_dir: str, factory: str, k: int, truth_path: str,
     where[truth_rows] = np.arange(len(truth_rows))
 
     with Timer() as build:
-        index = build_index(emb, ids, factory=factory)
+        index = build_index(emb, ids, factory=factory, in_place=True)  # as `lra index`
 
     param = search_param(factory)
     sweep, chosen = [], None

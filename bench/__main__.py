@@ -167,7 +167,7 @@ def main(
     = "ViT-B-32",
     embed_batch: Annotated[int, typer.Option(min=1)] = 32,
     embed_batches: Annotated[int, typer.Option(min=1, help="Timed batches (model).")] = 3,
-    eval_chunk: Annotated[int, typer.Option(min=256, help="predict_scores chunk_rows.")] = 16_384,
+    eval_chunk: Annotated[int, typer.Option(min=256, help="lra evaluate --chunk-rows.")] = 4096,
     cache_dir: Annotated[Path, typer.Option(help="Where synthetic arrays are cached (3 GiB "
                                                  "at 1m).")] = DEFAULT_CACHE,
     note: Annotated[str, typer.Option(help="Free text stored with the machine, e.g. "

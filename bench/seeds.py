@@ -45,7 +45,7 @@ def run_seed(seed: int, params: dict, data: Path, work: Path, threads: int = 0) 
              embeddings=data / "embeddings/embeddings.parquet",
              labels=work / "labels/labels.parquet",
              retrieval=work / "retrieval/neighbours.parquet", out_dir=work / "evaluate",
-             device="auto", chunk_rows=16_384, threads=threads, progress=False)
+             device="auto", chunk_rows=4096, threads=threads, progress=False)
     metrics = json.loads((work / "evaluate/metrics.json").read_text())
     metrics["seconds"] = time.perf_counter() - started
     return metrics

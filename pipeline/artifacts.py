@@ -27,7 +27,20 @@ import pyarrow.parquet as pq
 from pipeline.errors import ArtifactError
 
 ROW_GROUP_ROWS = 65_536
-"""Rows per Parquet row group: later stages can stream a table group by group."""
+"""Rows per Parquet row group (at most): later stages can stream a table group by group."""
+ROW_GROUP_BYTES = 16 * 2**20
+"""Target decoded size of a row group of a wide table: reading one costs a few times this
+(compressed bytes, decoded pages, arrays), so tens of MiB whatever the width."""
+
+
+def row_group_rows(bytes_per_row: int) -> int:
+    """Rows per row group for rows of about `bytes_per_row` bytes: the largest power of two
+    within ROW_GROUP_BYTES, between 1,024 and ROW_GROUP_ROWS (65,536 for narrow tables,
+    4,096 for 768-d float32 embeddings)."""
+    rows = ROW_GROUP_ROWS
+    while rows > 1024 and rows * bytes_per_row > ROW_GROUP_BYTES:
+        rows //= 2
+    return rows
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -227,6 +240,36 @@ def read_table(path: str | Path, what: str, *, columns: Sequence[str] | None = N
                             f"(has {', '.join(schema.names)}); rerun its stage")
     table = pq.read_table(path, columns=list(columns) if columns else None)
     return table, read_metadata(schema)
+
+
+def iter_row_groups(path: str | Path, columns: Sequence[str]) -> Iterator[pa.Table]:
+    """`columns` of a Parquet file, one row group at a time. Without pre-buffering:
+    pyarrow's default reads ahead the column chunks of many row groups at once (measured:
+    3.6x the memory of reading a 12 MiB group at a time)."""
+    reader = pq.ParquetFile(path, pre_buffer=False)
+    for i in range(reader.num_row_groups):
+        yield reader.read_row_group(i, columns=list(columns))
+
+
+def iter_chunks(path: str | Path, columns: Sequence[str], chunk_rows: int
+                ) -> Iterator[pa.Table]:
+    """Stream `columns` of a Parquet file as tables of exactly `chunk_rows` rows (the last
+    may be shorter), whatever the file's row groups: two files read with the same
+    chunk_rows yield row-aligned chunks. Holds at most a chunk and one row group."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    pending: list[pa.Table] = []
+    count = 0
+    for group in iter_row_groups(path, columns):
+        pending.append(group)
+        count += group.num_rows
+        while count >= chunk_rows:
+            table = pa.concat_tables(pending)
+            yield table.slice(0, chunk_rows)
+            rest = table.slice(chunk_rows)
+            pending, count = [rest], rest.num_rows
+    if count:
+        yield pa.concat_tables(pending)
 
 
 # --------------------------------------------------------------------------- JSON / CSV

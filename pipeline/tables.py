@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import (ROW_GROUP_ROWS, embedding_array, fixed_list_array,
-                                list_column_to_numpy, read_table, write_table)
+from pipeline.artifacts import (ROW_GROUP_ROWS, embedding_array, fixed_list_array, iter_chunks,
+                                iter_row_groups, list_column_to_numpy, read_table,
+                                row_group_rows, write_table)
 from pipeline.errors import ArtifactError
 
 UNKNOWN = -1
@@ -94,7 +95,8 @@ def write_embeddings(path: str | Path, *, sample_id: np.ndarray, split: np.ndarr
         "split": pa.array(list(split), type=pa.string()),
         "embedding": embedding_array(vectors),
     })
-    write_table(table, path, metadata={**provenance, "dim": int(vectors.shape[1])})
+    write_table(table, path, metadata={**provenance, "dim": int(vectors.shape[1])},
+                row_group_rows=row_group_rows(4 * vectors.shape[1] + 16))
 
 
 @dataclass(frozen=True)
@@ -116,36 +118,47 @@ class EmbeddingsFile:
         """Row positions of one split: (n,) int64."""
         return np.flatnonzero(self.split == split)
 
+    def _checked(self, vectors: np.ndarray, start: int) -> np.ndarray:
+        bad = ~np.isfinite(vectors).all(axis=1)
+        if bad.any():
+            raise ArtifactError(
+                f"embeddings at {self.path}: {int(bad.sum())} row(s) among rows {start}-"
+                f"{start + len(vectors) - 1} contain NaN or infinite values "
+                f"(first sample_id {int(self.sample_id[start + int(np.argmax(bad))])})")
+        return vectors
+
     def iter_chunks(self, chunk_rows: int = ROW_GROUP_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first row, vectors (b, D) float32) over all rows in order, b <= chunk_rows;
-        each chunk is checked for NaN / inf."""
+        """Yield (first row, vectors (b, D) float32) over all rows in order, b = chunk_rows
+        except for the last chunk (row-aligned with `NeighbourChunks.iter_chunks`); each
+        chunk is checked for NaN / inf."""
         start = 0
-        reader = pq.ParquetFile(self.path)
-        for batch in reader.iter_batches(batch_size=chunk_rows, columns=["embedding"]):
-            vectors = list_column_to_numpy(batch.column(0), np.float32)
-            bad = ~np.isfinite(vectors).all(axis=1)
-            if bad.any():
-                raise ArtifactError(
-                    f"embeddings at {self.path}: {int(bad.sum())} row(s) among rows {start}-"
-                    f"{start + len(vectors) - 1} contain NaN or infinite values "
-                    f"(first sample_id {int(self.sample_id[start + int(np.argmax(bad))])})")
+        for table in iter_chunks(self.path, ["embedding"], chunk_rows):
+            vectors = self._checked(list_column_to_numpy(table.column(0), np.float32), start)
             yield start, vectors
             start += len(vectors)
-        if start != len(self.sample_id):
-            raise ArtifactError(f"embeddings at {self.path}: {start} vectors for "
-                                f"{len(self.sample_id)} sample ids; rerun `lra embed`")
+        self._check_count(start)
 
     def read_rows(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Vectors of the increasing row positions `rows` (None: all): (len(rows), D)
-        float32, filled chunk by chunk, so the peak is the result plus one chunk."""
+        float32, filled record batch by record batch, so the peak is the result plus one
+        row group's decoding."""
         rows = np.arange(len(self.sample_id)) if rows is None else np.asarray(rows, np.int64)
         if len(rows) > 1 and not (np.diff(rows) > 0).all():
             raise ValueError("read_rows needs strictly increasing row positions")
         out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for start, chunk in self.iter_chunks():
-            lo, hi = np.searchsorted(rows, [start, start + len(chunk)])
-            out[lo:hi] = chunk[rows[lo:hi] - start]
+        start = 0
+        for group in iter_row_groups(self.path, ["embedding"]):
+            vectors = self._checked(list_column_to_numpy(group.column(0), np.float32), start)
+            lo, hi = np.searchsorted(rows, [start, start + len(vectors)])
+            np.take(vectors, rows[lo:hi] - start, axis=0, out=out[lo:hi])  # no temporary
+            start += len(vectors)
+        self._check_count(start)
         return out
+
+    def _check_count(self, rows_read: int) -> None:
+        if rows_read != len(self.sample_id):
+            raise ArtifactError(f"embeddings at {self.path}: {rows_read} vectors for "
+                                f"{len(self.sample_id)} sample ids; rerun `lra embed`")
 
 
 def open_embeddings(path: str | Path) -> EmbeddingsFile:
@@ -253,7 +266,8 @@ def write_retrieval(path: str | Path, *, sample_id: np.ndarray, split: np.ndarra
         "label_distribution": fixed_list_array(distribution, pa.float32()),
         "own_label_agreement": pa.array(agreement, type=pa.float32(), mask=~is_train),
     })
-    write_table(table, path, metadata=metadata)
+    write_table(table, path, metadata=metadata,
+                row_group_rows=row_group_rows(table.nbytes // max(len(table), 1)))
 
 
 @dataclass(frozen=True)
@@ -269,11 +283,9 @@ class NeighbourChunks:
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield (first row, neighbour_labels (b, k) int64, distances (b, k) float32)."""
         start = 0
-        reader = pq.ParquetFile(self.path)
-        for batch in reader.iter_batches(batch_size=chunk_rows,
-                                         columns=["neighbour_labels", "distances"]):
-            labels = list_column_to_numpy(batch.column(0), np.int64)
-            yield start, labels, list_column_to_numpy(batch.column(1), np.float32)
+        for table in iter_chunks(self.path, ["neighbour_labels", "distances"], chunk_rows):
+            labels = list_column_to_numpy(table.column(0), np.int64)
+            yield start, labels, list_column_to_numpy(table.column(1), np.float32)
             start += len(labels)
 
 

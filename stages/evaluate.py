@@ -16,7 +16,8 @@ import pyarrow as pa
 import typer
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import StageWriter, TableStream, fixed_list_array, write_csv, write_json
+from pipeline.artifacts import (StageWriter, TableStream, fixed_list_array, row_group_rows,
+                                write_csv, write_json)
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import EvaluateConfig
 from pipeline.errors import ArtifactError
@@ -38,7 +39,7 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
              retrieval: Path = Path("data/retrieval/neighbours.parquet"),
              out_dir: Path = Path("data/evaluate"), device: DeviceOption = "auto",
              chunk_rows: Annotated[int, typer.Option(min=1, envvar="LRA_EVAL_CHUNK",
-                                                     help="Rows per inference chunk.")] = 16_384,
+                                                     help="Rows per inference chunk.")] = 4096,
              threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
     """Score LRA-diffusion and the baselines on every split with known labels."""
     with stage("evaluate", params) as p:
@@ -68,8 +69,8 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
         with StageWriter() as out:
             with TableStream(out.path(out_dir / "predictions.parquet"),
                              _prediction_schema(c, vote=cfg.stochastic_samples > 0),
-                             metadata={"class_names": names, "readout": ckpt["readout"]}
-                             ) as table, \
+                             metadata={"class_names": names, "readout": ckpt["readout"]},
+                             row_group_rows=row_group_rows(4 * c + 80)) as table, \
                     tqdm(total=n, unit="row", desc="evaluate", disable=not progress,
                          dynamic_ncols=True) as bar:
                 for (start, raw), (_, neighbour_labels, distances) in zip(

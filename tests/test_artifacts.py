@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.artifacts import (StageWriter, TableStream, atomic_path, embedding_array,
-                                fixed_list_array, list_column_to_numpy, read_json,
+from pipeline.artifacts import (ROW_GROUP_BYTES, ROW_GROUP_ROWS, StageWriter, TableStream,
+                                atomic_path, embedding_array, fixed_list_array, iter_chunks,
+                                list_column_to_numpy, read_json, row_group_rows,
                                 read_metadata, read_table, require, write_csv, write_json,
                                 write_table)
 from pipeline.errors import ArtifactError
@@ -259,3 +260,30 @@ def test_table_stream_of_no_rows_matches_write_table(tmp_path):
     with TableStream(tmp_path / "stream.parquet", schema):
         pass
     assert (tmp_path / "whole.parquet").read_bytes() == (tmp_path / "stream.parquet").read_bytes()
+
+
+def test_iter_chunks_are_exact_and_row_aligned_across_row_group_layouts(tmp_path):
+    """Two tables of the same rows but different row groups yield the same chunk
+    boundaries, so stages can zip them row by row."""
+    t = _table(100)
+    write_table(t, tmp_path / "a.parquet", row_group_rows=7)
+    write_table(t, tmp_path / "b.parquet", row_group_rows=64)
+    for chunk in (1, 10, 13, 100, 1000):
+        a = list(iter_chunks(tmp_path / "a.parquet", ["sample_id"], chunk))
+        b = list(iter_chunks(tmp_path / "b.parquet", ["sample_id"], chunk))
+        sizes = [len(x) for x in a]
+        assert sizes == [len(x) for x in b]
+        assert sizes == [chunk] * (100 // chunk) + ([100 % chunk] if 100 % chunk else [])
+        ids = np.concatenate([x.column("sample_id").to_numpy() for x in a])
+        np.testing.assert_array_equal(ids, t.column("sample_id").to_numpy())
+    with pytest.raises(ValueError):
+        next(iter_chunks(tmp_path / "a.parquet", ["sample_id"], 0))
+
+
+def test_row_group_rows_bounds_the_bytes_of_a_group():
+    assert row_group_rows(16) == ROW_GROUP_ROWS  # narrow tables: the usual 65,536 rows
+    assert row_group_rows(4 * 768 + 16) == 4096  # 768-d float32 embeddings: 12 MiB
+    assert row_group_rows(10**9) == 1024  # never fewer rows than that
+    for width in (1, 100, 3000, 40_000):
+        rows = row_group_rows(width)
+        assert rows & (rows - 1) == 0 and (rows * width <= ROW_GROUP_BYTES or rows == 1024)

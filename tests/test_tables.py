@@ -253,7 +253,7 @@ def test_prepared_round_trip_and_missing_metadata(tmp_path):
         read_prepared(path)
 
 
-def test_open_embeddings_reads_rows_chunk_by_chunk(tmp_path, monkeypatch):
+def test_open_embeddings_reads_rows_chunk_by_chunk(tmp_path):
     """Vectors are read by record batch: any increasing row subset, any chunk size, the
     same values as the whole table; ids, splits and metadata are there before any vector."""
     from pipeline import tables
@@ -268,7 +268,6 @@ def test_open_embeddings_reads_rows_chunk_by_chunk(tmp_path, monkeypatch):
     write_table(table, path, metadata={"dim": 3}, row_group_rows=8)
     emb = tables.open_embeddings(path)
     assert emb.dim == 3 and emb.meta == {"dim": 3} and emb.split.tolist() == split.tolist()
-    monkeypatch.setattr(tables, "ROW_GROUP_ROWS", 7)
     for rows in (None, emb.rows("train"), np.array([0, 7, 8, 49]), np.array([], np.int64)):
         want = v if rows is None else v[rows]
         np.testing.assert_array_equal(emb.read_rows(rows), want)

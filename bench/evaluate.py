@@ -14,7 +14,8 @@ evaluation streams: the stage runs on two table sizes and `memory_growth_bytes_p
 first runs the stage on a 2,048-row table (one-time costs: lazy imports, thread pools,
 allocator arenas; `warm_up_peak_memory_bytes`), then measures. The arrays
 it must hold: the probes' fitting subset, one chunk of embeddings and scores, and the
-per-row ids, splits, labels and predicted classes. When N rows would take longer than the
+per-row ids, splits, labels and predicted classes; `memory_growth_bytes_per_row` is the
+growth of the peak beyond those arrays. When N rows would take longer than the
 time budget, the stage runs on the first rows and the time is extrapolated
 (`extrapolated_from_rows`).
 """
@@ -67,8 +68,9 @@ def child(*, data_dir: str, scale: dict, rows: int, chunk_rows: int, device: str
     n_train = rows - tables.val_rows(rows)
     probe_rows = min(n_train, params["evaluate"]["linear_max_rows"])
     chunk = min(chunk_rows, rows)
-    array_bytes = (probe_rows * scale["dim"] * 4 + chunk * (scale["dim"] + scale["classes"]) * 4
-                   + rows * PER_ROW_BYTES)
+    # The probes' subset twice: the rows read, and fit_linear's standardised copy.
+    array_bytes = (2 * probe_rows * scale["dim"] * 4
+                   + chunk * (scale["dim"] + scale["classes"]) * 4 + rows * PER_ROW_BYTES)
     return {"n": scale["n"], "dim": scale["dim"], "rows": rows, "chunk_rows": chunk_rows,
             "device": device, "ddim_steps": 10,
             "flops_per_row": spec.sampling_flops_per_sample(10),
@@ -86,8 +88,9 @@ def records(raw: list[dict[str, Any]], *, scale: str, matmul_flops: float) -> li
         extra: dict[str, Any] = {}
         if res is by_rows[-1] and len(by_rows) > 1:
             a = by_rows[0]
-            extra["memory_growth_bytes_per_row"] = (
-                (res["peak_memory_bytes"] - a["peak_memory_bytes"]) / (rows - a["rows"]))
+            beyond = (res["peak_memory_bytes"] - res["array_bytes"]) - (
+                a["peak_memory_bytes"] - a["array_bytes"])
+            extra["memory_growth_bytes_per_row"] = beyond / (rows - a["rows"])
         out.append(record(
             "evaluate", scale, variant=f"lra evaluate rows={rows} chunk={res['chunk_rows']} "
                                        f"({res['device']})",

@@ -47,6 +47,20 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     from pipeline.training import TrainData, draw_targets, train_diffusion
 
     folder = tables.materialise(data_dir, rows=scale["n"], scale=scale)
+    cfg = TrainConfig(epochs=1, warmup_epochs=0, batch_size=batch, feature_dim=scale["hidden"],
+                      eval_every=1)
+    # Warm-up on random data before measuring memory: one-time costs (lazy imports such as
+    # torch.optim's, ~150 MiB; thread pools; kernel selection for these shapes) are not the
+    # stage's per-dataset memory. Same batch and width as the timed epoch.
+    gen = torch.Generator().manual_seed(0)
+    tiny = 4 * batch
+    train_diffusion(TrainData(
+        features=torch.randn(tiny, scale["dim"], generator=gen).to(device),
+        candidates=torch.randint(0, scale["classes"], (tiny, scale["k"] + 1),
+                                 generator=gen).to(device),
+        val_features=torch.randn(val_rows, scale["dim"], generator=gen).to(device),
+        val_labels=torch.randint(0, scale["classes"], (val_rows,), generator=gen).to(device),
+        num_classes=scale["classes"]), cfg, progress=False)
     stage_probe = MemoryProbe(device)
     # As stages/train.py loads: train and val rows read by record batch, normalised in place.
     emb = open_embeddings(folder / "embeddings.parquet")
@@ -61,13 +75,6 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
                      val_labels=torch.from_numpy(lab.clean[val]).to(device),
                      num_classes=scale["classes"])
     n, d = data.features.shape
-    cfg = TrainConfig(epochs=1, warmup_epochs=0, batch_size=batch, feature_dim=scale["hidden"],
-                      eval_every=1)
-    # Warm-up (thread pools, oneDNN kernels) on a slice, not timed.
-    small = min(n, 4 * batch)
-    train_diffusion(TrainData(data.features[:small], data.candidates[:small],
-                              data.val_features, data.val_labels, data.num_classes),
-                    cfg, progress=False)
     prep_peak = stage_probe.process_peak()
 
     epoch_probe = MemoryProbe(device)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -84,6 +86,27 @@ def _one_line(exc: Exception) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a killed job, torchrun stopping its ranks) raised like Ctrl-C, so the
+    atomic writers remove their temporary files on the way out."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def stage(name: str, params_path: Path | None = None) -> Iterator[Params | None]:
     """Run a stage body: configure logging, load params, map errors to exit codes.
@@ -93,7 +116,11 @@ def stage(name: str, params_path: Path | None = None) -> Iterator[Params | None]
     logging.basicConfig(level=os.environ.get("LRA_LOG_LEVEL", "INFO"),
                         format=f"lra {name}: %(message)s", stream=sys.stderr, force=True)
     try:
-        yield load_params(params_path) if params_path is not None else None
+        with _sigterm_as_interrupt():
+            yield load_params(params_path) if params_path is not None else None
+    except Terminated:
+        typer.echo(f"lra {name}: terminated; no output was published", err=True)
+        raise typer.Exit(143) from None
     except ConfigError as exc:
         typer.echo(f"lra {name}: error: {_one_line(exc)}", err=True)
         raise typer.Exit(2) from None

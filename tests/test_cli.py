@@ -447,6 +447,34 @@ def test_interrupt_mid_write_keeps_previous_outputs(run_copy, monkeypatch):
     assert temp_leftovers(out_dir) == []
 
 
+def test_sigterm_mid_write_keeps_previous_outputs(run_copy, monkeypatch):
+    """A killed job (SIGTERM) cleans up like Ctrl-C: exit 143, previous outputs intact,
+    no temporaries left, and the previous SIGTERM handler is back afterwards."""
+    import os
+    import signal
+
+    import stages.evaluate
+
+    out_dir = run_copy.path("metrics").parent
+    before = hashes(run_copy.root, [ARTIFACTS[n] for n in STAGE_OUTS["evaluate"]])
+    pending: list[str] = []
+
+    def killed(rows, path):
+        pending.extend(temp_leftovers(out_dir))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(stages.evaluate, "write_csv", killed)
+    handler = signal.getsignal(signal.SIGTERM)
+    result = invoke(stage_args("evaluate", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip().splitlines()[-1] == \
+        "lra evaluate: terminated; no output was published"
+    assert len(pending) >= 2
+    assert hashes(run_copy.root, [ARTIFACTS[n] for n in STAGE_OUTS["evaluate"]]) == before
+    assert temp_leftovers(out_dir) == []
+    assert signal.getsignal(signal.SIGTERM) == handler
+
+
 def test_crash_mid_write_publishes_nothing(run_copy, monkeypatch):
     import stages.noise
 

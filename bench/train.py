@@ -43,7 +43,7 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     from pipeline.diffusion import alphas_cumprod, antithetic_timesteps, cosine_betas, q_sample
     from pipeline.features import FeatureNormalizer
     from pipeline.model import DiffusionClassifier, ModelSpec
-    from pipeline.tables import open_embeddings, read_labels, read_retrieval
+    from pipeline.tables import open_embeddings, read_candidates, read_labels
     from pipeline.training import TrainData, draw_targets, train_diffusion
 
     folder = tables.materialise(data_dir, rows=scale["n"], scale=scale)
@@ -65,12 +65,12 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     # As stages/train.py loads: train and val rows read by record batch, normalised in place.
     emb = open_embeddings(folder / "embeddings.parquet")
     lab = read_labels(folder / "labels.parquet")
-    ret = read_retrieval(folder / "neighbours.parquet")
+    _, candidates = read_candidates(folder / "neighbours.parquet")
     train_rows, val = emb.rows("train"), emb.rows("val")[:val_rows]
     train_x, val_x = emb.read_rows(train_rows), emb.read_rows(val)
     norm = FeatureNormalizer.fit(train_x, "standardize")
     data = TrainData(features=torch.from_numpy(norm.apply_inplace(train_x)).to(device),
-                     candidates=torch.from_numpy(ret.candidates[train_rows]).to(device),
+                     candidates=torch.from_numpy(candidates[train_rows]).to(device),
                      val_features=torch.from_numpy(norm.apply_inplace(val_x)).to(device),
                      val_labels=torch.from_numpy(lab.clean[val]).to(device),
                      num_classes=scale["classes"])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_CHUNK_ROWS = 16_384
+_CHUNK_ROWS = 2048
 """Rows per chunk of the normaliser's temporaries: bounded, whatever N is."""
 
 

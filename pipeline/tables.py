@@ -295,22 +295,39 @@ def open_neighbours(path: str | Path) -> NeighbourChunks:
     return NeighbourChunks(Path(path), table.column("sample_id").to_numpy(), meta)
 
 
-def read_retrieval(path: str | Path) -> Retrieval:
-    table, meta = read_table(path, "retrieval table", required=(
-        "sample_id", "split", "neighbour_ids", "distances", "neighbour_labels",
-        "candidate_labels"))
-    split = _split(table)
-    cand_col = table.column("candidate_labels").combine_chunks()
-    width = cand_col.type.list_size
-    # Null rows (non-train samples) still occupy their slots in the flat values buffer.
-    candidates = np.full((len(table), width), UNKNOWN, dtype=np.int64)
-    valid = ~np.asarray(cand_col.is_null().to_numpy(zero_copy_only=False))
-    flat = cand_col.values.to_numpy(zero_copy_only=False)
-    flat = flat[cand_col.offset * width:(cand_col.offset + len(cand_col)) * width]
+RETRIEVAL_COLUMNS = ("sample_id", "split", "neighbour_ids", "distances", "neighbour_labels",
+                     "candidate_labels")
+
+
+def _candidates(column: pa.ChunkedArray) -> np.ndarray:
+    """candidate_labels column -> (N, k + 1) int64, UNKNOWN on null (non-train) rows."""
+    col = column.combine_chunks()
+    width = col.type.list_size
+    candidates = np.full((len(col), width), UNKNOWN, dtype=np.int64)
+    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False))
+    # Null rows still occupy their slots in the flat values buffer.
+    flat = col.values.to_numpy(zero_copy_only=False)
+    flat = flat[col.offset * width:(col.offset + len(col)) * width]
     candidates[valid] = flat.reshape(-1, width)[valid]
+    return candidates
+
+
+def read_retrieval(path: str | Path) -> Retrieval:
+    """The columns `Retrieval` holds (not the label distributions, which stages recompute
+    or do not need)."""
+    table, meta = read_table(path, "retrieval table", columns=RETRIEVAL_COLUMNS,
+                             required=RETRIEVAL_COLUMNS)
     return Retrieval(
-        sample_id=table.column("sample_id").to_numpy(), split=split,
+        sample_id=table.column("sample_id").to_numpy(), split=_split(table),
         neighbour_ids=list_column_to_numpy(table.column("neighbour_ids"), np.int64),
         distances=list_column_to_numpy(table.column("distances"), np.float32),
         neighbour_labels=list_column_to_numpy(table.column("neighbour_labels"), np.int64),
-        candidates=candidates, meta=meta)
+        candidates=_candidates(table.column("candidate_labels")), meta=meta)
+
+
+def read_candidates(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """What training needs of the retrieval table: (sample_id (N,) int64, candidates
+    (N, k + 1) int64 with UNKNOWN on non-train rows), reading only those two columns."""
+    table, _ = read_table(path, "retrieval table", columns=("sample_id", "candidate_labels"),
+                          required=RETRIEVAL_COLUMNS)
+    return table.column("sample_id").to_numpy(), _candidates(table.column("candidate_labels"))

@@ -21,8 +21,8 @@ from pipeline.config import Params, as_dict
 from pipeline.errors import ArtifactError
 from pipeline.features import FeatureNormalizer
 from pipeline.model import ModelSpec
-from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_labels,
-                             read_retrieval)
+from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_candidates,
+                             read_labels)
 from pipeline.training import TrainData, train_diffusion
 from stages.app import (DeviceOption, NprocOption, ParamsOption, ProgressOption,
                         ThreadsOption, app, resolve_device, set_threads, stage)
@@ -79,9 +79,9 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
     lab = read_labels(labels)
     if threads == 0 and dev == "cpu":
         _one_thread_for_small_steps(p, dim=emb.dim, num_classes=lab.num_classes)
-    ret = read_retrieval(retrieval)
+    ret_ids, candidates = read_candidates(retrieval)
     check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
-    check_same_samples(emb.sample_id, ret.sample_id, "embeddings", "retrieval table")
+    check_same_samples(emb.sample_id, ret_ids, "embeddings", "retrieval table")
     train_rows, val_rows = emb.rows("train"), emb.rows("val")
     if len(val_rows) == 0:
         raise ArtifactError("no validation split: model selection needs one "
@@ -95,14 +95,14 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
     train_x, val_x = emb.read_rows(train_rows), emb.read_rows(val_rows)
     norm = FeatureNormalizer.fit(train_x, p.train.feature_norm)
     data = TrainData(features=torch.from_numpy(norm.apply_inplace(train_x)).to(dev),
-                     candidates=torch.from_numpy(ret.candidates[train_rows]).to(dev),
+                     candidates=torch.from_numpy(candidates[train_rows]).to(dev),
                      val_features=torch.from_numpy(norm.apply_inplace(val_x)).to(dev),
                      val_labels=torch.from_numpy(val_truth).to(dev),
                      num_classes=lab.num_classes)
     result = train_diffusion(data, p.train, progress=progress)
     if not ctx.is_main:
         return
-    info = {**result.best, "train_config": as_dict(p.train), "k": ret.k,
+    info = {**result.best, "train_config": as_dict(p.train), "k": candidates.shape[1] - 1,
             "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model"),
             "val_labels": "clean" if (lab.clean[val_rows] != UNKNOWN).all() else "observed"}
     with StageWriter() as out:

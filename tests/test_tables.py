@@ -12,8 +12,8 @@ from pipeline.artifacts import embedding_array, write_table
 from pipeline.errors import ArtifactError
 from pipeline.images import encode_png
 from pipeline.sources import make_table
-from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_embeddings,
-                             read_labels, read_prepared, read_retrieval, write_embeddings,
+from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_candidates,
+                             read_embeddings, read_labels, read_prepared, read_retrieval, write_embeddings,
                              write_labels, write_retrieval)
 
 SPLIT = np.array(["train", "train", "val", "train", "test", "train"], dtype=object)
@@ -219,6 +219,9 @@ def test_retrieval_read_across_row_groups(tmp_path):
     assert pq.ParquetFile(path).num_row_groups == 3
     assert pq.read_table(path).column("candidate_labels").num_chunks == 3
     _check_retrieval(read_retrieval(path), inputs)
+    ids, candidates = read_candidates(path)  # training's two columns only
+    np.testing.assert_array_equal(ids, inputs["sample_id"])
+    np.testing.assert_array_equal(candidates, read_retrieval(path).candidates)
 
 
 def test_retrieval_missing_columns(tmp_path):
@@ -226,6 +229,8 @@ def test_retrieval_missing_columns(tmp_path):
     write_table(pa.table({"sample_id": pa.array([0]), "split": pa.array(["train"])}), path)
     with pytest.raises(ArtifactError, match="neighbour_ids"):
         read_retrieval(path)
+    with pytest.raises(ArtifactError, match="candidate_labels"):
+        read_candidates(path)
 
 
 # --------------------------------------------------------------------------- misc

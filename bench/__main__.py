@@ -197,9 +197,12 @@ def main(
     if merge and out.exists():
         old = json.loads(out.read_text())
         ran = {"index_retrieve" if s == "index" else s for s in chosen}
-        old_run = next((r.get("run", {}) for r in old if r["stage"] == "machine"), {})
-        kept = [{**r, "from_run": r.get("from_run", old_run.get("started"))} for r in old
-                if r["stage"] not in ran | {"machine", "matmul"}]
+        old_machine = next((r for r in old if r["stage"] == "machine"), {})
+        old_run = old_machine.get("run", {})
+        earlier = {"from_run": old_run.get("started"),
+                   "from_run_command": old_run.get("command"),
+                   "from_run_note": old_machine.get("machine", {}).get("note")}
+        kept = [{**earlier, **r} for r in old if r["stage"] not in ran | {"machine", "matmul"}]
     meta = {"machine": {**describe_machine(dev), "note": note},
             "run": {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "command": " ".join(["python -m bench", *_without_note(sys.argv[1:])]),

@@ -19,6 +19,11 @@ HERE = Path(__file__).parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
+def _cell(text: str | None) -> str:
+    """A Markdown table cell: "|" (as in "FACTORY|PARAMS") escaped."""
+    return (text or "").replace("|", "\\|")
+
+
 def _bytes(b: float | None) -> str:
     if b is None:
         return ""
@@ -79,7 +84,7 @@ def table(records: list[dict]) -> str:
         if r["stage"] == "machine":
             continue
         if r.get("error"):
-            rows.append(f"| {r['stage']} | {r.get('variant') or ''} | error: {r['error'][:80]} "
+            rows.append(f"| {r['stage']} | {_cell(r.get('variant'))} | error: {r['error'][:80]} "
                         + "|" * 11)
             continue
         unit = r.get("throughput_unit") or ""
@@ -98,8 +103,9 @@ def table(records: list[dict]) -> str:
                 or r.get("extrapolated_from_rows"):
             sec += "*"
         rec = r.get("recall_at_k")
+        earlier = " †" if r.get("from_run") else ""
         rows.append(
-            f"| {r['stage']} | {r.get('variant') or ''} | {sec} | {_bytes(r.get('peak_memory_bytes'))} "
+            f"| {r['stage']} | {_cell(r.get('variant'))}{earlier} | {sec} | {_bytes(r.get('peak_memory_bytes'))} "
             f"| {_bytes(call)} | {_bytes(r.get('array_bytes'))} | {ratio_s} "
             f"| {_num(r.get('throughput'), unit)} | {_num(r.get('limit'), unit)} "
             f"| {(_times if is_speedup else _pct)(r.get('fraction_of_limit'))} "
@@ -122,6 +128,17 @@ def growth_line(records: list[dict]) -> str:
             if parts else "")
 
 
+def earlier_runs_line(records: list[dict]) -> str:
+    """Rows kept from earlier runs by --merge: when, how, and the note given then."""
+    runs = {}
+    for r in records:
+        if r.get("from_run"):
+            runs[r["from_run"]] = (r.get("from_run_command"), r.get("from_run_note"))
+    lines = [f"`†` from the run of {when}" + (f", `{cmd}`" if cmd else "")
+             + (f" ({note})" if note else "") + ". " for when, (cmd, note) in sorted(runs.items())]
+    return "".join(lines) + "\n\n" if lines else ""
+
+
 def render(results_dir: Path = HERE / "results") -> str:
     parts = []
     order = {name: i for i, name in enumerate(SCALES)}
@@ -135,7 +152,7 @@ def render(results_dir: Path = HERE / "results") -> str:
         title = (f"{path.stem}: {sc.n:,} x {sc.dim}, {sc.classes} classes, hidden {sc.hidden}"
                  if sc else path.stem)
         parts.append(f"### {title}\n\nMachine: {machine_line(records)}\n\n{table(records)}\n\n"
-                     f"{growth_line(records)}`*` extrapolated linearly from a sample (see the record's "
+                     f"{growth_line(records)}{earlier_runs_line(records)}`*` extrapolated linearly from a sample (see the record's "
                      f"`*extrapolated_from_*` field). Source: `bench/results/{path.name}`.\n")
     return "\n".join(parts) if parts else "No results yet.\n"
 

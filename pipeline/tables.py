@@ -153,6 +153,9 @@ class EmbeddingsFile:
             np.take(vectors, rows[lo:hi] - start, axis=0, out=out[lo:hi])  # no temporary
             start += len(vectors)
         self._check_count(start)
+        # Hand the decoded row groups' pages back to the OS now: Arrow's allocator keeps
+        # them (measured: ~120 MiB after reading 45,000 x 768) under the stage's next peak.
+        pa.default_memory_pool().release_unused()
         return out
 
     def _check_count(self, rows_read: int) -> None:

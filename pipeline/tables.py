@@ -102,7 +102,7 @@ def write_embeddings(path: str | Path, *, sample_id: np.ndarray, split: np.ndarr
 @dataclass(frozen=True)
 class EmbeddingsFile:
     """An embeddings table opened without its vectors: ids, splits and provenance are read
-    now, vectors later, one record batch at a time (`read_rows`, `iter_chunks`), so a stage
+    now, vectors later, one row group at a time (`read_rows`, `iter_chunks`), so a stage
     holds only the rows it needs and never the whole decoded table next to them.
 
     sample_id: (N,) int64 (= row positions); split: (N,) object; dim: D.
@@ -140,8 +140,8 @@ class EmbeddingsFile:
 
     def read_rows(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Vectors of the increasing row positions `rows` (None: all): (len(rows), D)
-        float32, filled record batch by record batch, so the peak is the result plus one
-        row group's decoding."""
+        float32, filled row group by row group, so the peak is the result plus one row
+        group's decoding."""
         rows = np.arange(len(self.sample_id)) if rows is None else np.asarray(rows, np.int64)
         if len(rows) > 1 and not (np.diff(rows) > 0).all():
             raise ValueError("read_rows needs strictly increasing row positions")

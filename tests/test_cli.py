@@ -74,6 +74,14 @@ def rewrite_embeddings(run_, vectors: np.ndarray) -> None:
                      provenance={k: v for k, v in emb.meta.items() if k != "dim"})
 
 
+def rewrite_embeddings_random(run_, dim: int, seed: int) -> None:
+    """Replace the run's embeddings with random (N, dim) vectors."""
+    from pipeline.tables import open_embeddings
+
+    n = len(open_embeddings(run_.path("embeddings")).sample_id)
+    rewrite_embeddings(run_, np.random.default_rng(seed).normal(size=(n, dim)))
+
+
 def rewrite_observed_labels(run_, observed: np.ndarray) -> None:
     from pipeline.artifacts import read_metadata
     from pipeline.tables import UNKNOWN, write_labels
@@ -324,10 +332,7 @@ def test_missing_upstream_artifact_is_a_domain_error(run_copy, stage, missing):
 
 def test_index_of_another_dimension_is_a_domain_error(run_copy):
     """The index holds D=64 pixel vectors; embeddings of D=32 cannot be searched in it."""
-    from pipeline.tables import read_embeddings
-
-    n = len(read_embeddings(run_copy.path("embeddings")).sample_id)
-    rewrite_embeddings(run_copy, np.random.default_rng(0).normal(size=(n, 32)))
+    rewrite_embeddings_random(run_copy, dim=32, seed=0)
     clear_outputs(run_copy, "retrieve")
     result = invoke(stage_args("retrieve", run_copy.root, run_copy.params_path))
     assert result.exit_code == 1, result.output
@@ -336,10 +341,7 @@ def test_index_of_another_dimension_is_a_domain_error(run_copy):
 
 
 def test_model_of_another_dimension_is_a_domain_error(run_copy):
-    from pipeline.tables import read_embeddings
-
-    n = len(read_embeddings(run_copy.path("embeddings")).sample_id)
-    rewrite_embeddings(run_copy, np.random.default_rng(1).normal(size=(n, 32)))
+    rewrite_embeddings_random(run_copy, dim=32, seed=1)
     clear_outputs(run_copy, "evaluate")
     result = invoke(stage_args("evaluate", run_copy.root, run_copy.params_path))
     assert result.exit_code == 1, result.output

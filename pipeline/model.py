@@ -13,17 +13,38 @@ from torch.nn import functional as F
 class ConditionalLinear(nn.Module):
     """Linear(a -> b)(x) * gamma_t, gamma a learned per-timestep vector.
 
-    The gamma table has T + 1 rows initialised uniform in [0, 1), as in CARD.
+    The gamma table has T + 1 rows. init "card": uniform in [0, 1), as in CARD and the
+    authors' code; "identity" (the default): all ones. Why: with uniform rows every
+    timestep starts with its own random scale on every hidden unit, and each row is
+    trained only when its t is drawn (once per ~T / batch steps), so the network sits at
+    loss 1.0 (predicting zero noise) for hundreds of steps; see `INIT_NOTE`.
     """
 
-    def __init__(self, in_features: int, out_features: int, timesteps: int) -> None:
+    def __init__(self, in_features: int, out_features: int, timesteps: int, *,
+                 init: str = "identity") -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
         self.gamma = nn.Embedding(timesteps + 1, out_features)
-        nn.init.uniform_(self.gamma.weight, 0.0, 1.0)
+        if init == "card":
+            nn.init.uniform_(self.gamma.weight, 0.0, 1.0)
+        else:
+            nn.init.ones_(self.gamma.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.linear(x) * self.gamma(t)  # (B, out) * (B, out)
+
+
+INIT_NOTE = """Initialisation (train.init). "card" copies CARD / the authors' code: gamma
+rows uniform in [0, 1) and the x_emb BatchNorm at weight 1, bias 0, so the product
+h * x_emb multiplies the label signal by a zero-mean, sample-dependent factor. At init the
+output cannot depend on y_t in a way later layers can decode, and training sits at loss
+1.0 until the gammas and x_emb have been sorted out: on digits (batch 64, width 64) the
+model was still at chance after 20 epochs; on 3072-d features it never left it.
+"identity" starts both at the identity: gamma rows = 1, x_emb BatchNorm weight 0 and bias
+1 (x_emb = 1, the modulation is learnt from there, like a zero-initialised residual
+branch). Same network, same parameters; digits, 20 epochs: 0.76 val accuracy against
+0.12; 200 epochs: 0.980 val against 0.975 (40 % symmetric), 0.886 against 0.827
+(40 % pairflip), seed 0."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +56,12 @@ class ModelSpec:
     hidden: int  # feature_dim in the paper (512 CIFAR, 1024 others)
     timesteps: int
     projection: str = "linear"  # image-embedding branch: "linear" or "mlp"
+    guidance_dim: int | None = None  # G: width of the guidance input (None: D, unprojected)
+    init: str = "identity"  # "identity" | "card" (INIT_NOTE); decides only the initial weights
+
+    @property
+    def guidance_width(self) -> int:
+        return self.feature_dim_in if self.guidance_dim is None else self.guidance_dim
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,9 +72,10 @@ class ModelSpec:
 
     def condition_flops_per_sample(self) -> int:
         """FLOPs of `DiffusionClassifier.condition`: the features-only part."""
-        d, h = self.feature_dim_in, self.hidden
+        d, h, g = self.feature_dim_in, self.hidden, self.guidance_width
         proj = d * h + (h * h if self.projection == "mlp" else 0)
-        return 2 * (proj + d * h)
+        basis = d * g if self.guidance_dim is not None else 0
+        return 2 * (proj + basis + g * h)
 
     def step_flops_per_sample(self) -> int:
         """FLOPs of `DiffusionClassifier.forward_conditioned`: the per-step part."""
@@ -78,11 +106,19 @@ class DiffusionClassifier(nn.Module):
         else:
             raise ValueError(f"unknown projection {spec.projection!r}; valid: linear, mlp")
         self.norm_x = nn.BatchNorm1d(h)
-        self.lin1 = ConditionalLinear(c + d, h, T)
+        if spec.init == "identity":  # x_emb = 1 at init (see INIT_NOTE)
+            nn.init.zeros_(self.norm_x.weight)
+            nn.init.ones_(self.norm_x.bias)
+        g = spec.guidance_width
+        # Guidance projection: (D, G) fixed basis (PCA of the normalised train features,
+        # `guidance_basis`), a buffer so it travels in the checkpoint. Identity when None.
+        if spec.guidance_dim is not None:
+            self.register_buffer("guidance", torch.zeros(d, g))
+        self.lin1 = ConditionalLinear(c + g, h, T, init=spec.init)
         self.norm1 = nn.BatchNorm1d(h)
-        self.lin2 = ConditionalLinear(h, h, T)
+        self.lin2 = ConditionalLinear(h, h, T, init=spec.init)
         self.norm2 = nn.BatchNorm1d(h)
-        self.lin3 = ConditionalLinear(h, h, T)
+        self.lin3 = ConditionalLinear(h, h, T, init=spec.init)
         self.norm3 = nn.BatchNorm1d(h)
         self.out = nn.Linear(h, c)
 
@@ -97,7 +133,8 @@ class DiffusionClassifier(nn.Module):
         c = self.spec.num_classes
         x_emb = self.norm_x(self.embed_x(features))  # (B, H)
         # lin1 acts on [y_t, features]: split its weight (H, C + D) by input.
-        f_term = F.linear(features, self.lin1.linear.weight[:, c:], self.lin1.linear.bias)
+        guide = features @ self.guidance if self.spec.guidance_dim is not None else features
+        f_term = F.linear(guide, self.lin1.linear.weight[:, c:], self.lin1.linear.bias)
         return x_emb, f_term
 
     def forward_conditioned(self, y_t: torch.Tensor, t: torch.Tensor,

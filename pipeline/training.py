@@ -79,6 +79,32 @@ def learning_rate(epoch: float, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def guidance_basis(features: torch.Tensor, width: int, *, chunk_rows: int = 8192
+                   ) -> torch.Tensor:
+    """PCA basis of the (normalised) train features, scaled so the projected coordinates
+    have mean variance 1 over the kept components: (D, G) float32.
+
+    features: (N, D) float32. The covariance is accumulated in float64 over row chunks.
+    Components with (numerically) zero variance get zero columns, so duplicated or
+    constant coordinates (a 3072-d embedding of 8x8 images has rank 64) add nothing.
+    """
+    n, d = features.shape
+    mean = features.double().sum(0) / n  # (D,)
+    cov = torch.zeros(d, d, dtype=torch.float64, device=features.device)
+    for start in range(0, n, chunk_rows):
+        part = features[start:start + chunk_rows].double() - mean
+        cov += part.T @ part
+    cov /= n
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = evals.flip(0)[:width], evecs.flip(1)[:, :width]  # (G,), (D, G)
+    # Fix each component's sign (eigh's is arbitrary): largest-magnitude entry positive.
+    pivot = evecs.abs().argmax(dim=0)
+    evecs = evecs * torch.sign(evecs[pivot, torch.arange(evecs.shape[1])])
+    kept = evals > evals[0].clamp_min(1e-30) * 1e-6
+    scale = evals[kept].mean().sqrt()
+    return (evecs * kept / scale).float()
+
+
 def draw_targets(candidates: torch.Tensor, *, generator: torch.Generator, uniform: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One label per row drawn uniformly from its candidates, and the loss weights.
@@ -137,8 +163,13 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True,
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     spec = ModelSpec(num_classes=data.num_classes, feature_dim_in=dim, hidden=cfg.feature_dim,
-                     timesteps=cfg.timesteps, projection=cfg.projection)
+                     timesteps=cfg.timesteps, projection=cfg.projection,
+                     guidance_dim=cfg.guidance_dim if 0 < cfg.guidance_dim < dim else None,
+                     init=cfg.init)
     model = DiffusionClassifier(spec).to(device)
+    if spec.guidance_dim is not None:
+        with torch.no_grad():
+            model.guidance.copy_(guidance_basis(data.features, spec.guidance_dim))
     ema = copy.deepcopy(model)
     ema_floats = [v for v in ema.state_dict().values() if v.is_floating_point()]
     raw_floats = [v for v in model.state_dict().values() if v.is_floating_point()]

@@ -62,3 +62,25 @@ def fit_linear(x: np.ndarray, y: np.ndarray, *, num_classes: int, l2: float = 1e
 
     opt.step(closure)
     return LinearProbe(weight.detach(), bias.detach(), mean, std)
+
+
+def fit_linear_selected(x: np.ndarray, y: np.ndarray, *, x_val: np.ndarray,
+                        y_val: np.ndarray, num_classes: int, l2_values: tuple[float, ...],
+                        iters: int = 200) -> tuple[LinearProbe, float, float]:
+    """`fit_linear` for each L2 strength in `l2_values`; keep the best on validation (the
+    first on ties), as LRA-diffusion keeps its best validation epoch.
+
+    x_val: (V, D) float32; y_val: (V,) int64 validation labels (clean where known).
+    Returns (probe, chosen l2, its validation accuracy). With no validation rows the
+    first strength is used.
+    """
+    best: tuple[LinearProbe, float, float] | None = None
+    for l2 in l2_values:
+        probe = fit_linear(x, y, num_classes=num_classes, l2=l2, iters=iters)
+        acc = float((probe.predict(x_val) == y_val).mean()) if len(y_val) else 0.0
+        if best is None or acc > best[2]:
+            best = (probe, l2, acc)
+        if not len(y_val):
+            break
+    assert best is not None, "l2_values must not be empty"
+    return best

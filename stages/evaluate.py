@@ -8,6 +8,7 @@ and predicted classes (about 130 bytes, against 3 KiB for a 768-d embedding).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -22,13 +23,16 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import EvaluateConfig
 from pipeline.errors import ArtifactError
 from pipeline.inference import ChunkPredictions, DiffusionScorer
-from pipeline.linear import LinearProbe, fit_linear
+from pipeline.linear import LinearProbe, fit_linear_selected
 from pipeline.metrics import evaluation_metrics
 from pipeline.retrieval import knn_vote
 from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
                              open_embeddings, open_neighbours, read_labels)
 from stages.app import (DeviceOption, ParamsOption, ProgressOption, ThreadsOption, app,
                         resolve_device, set_threads, stage)
+
+
+log = logging.getLogger(__name__)
 
 
 @app.command()
@@ -58,7 +62,7 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
         cfg = p.evaluate
         scorer = DiffusionScorer.from_checkpoint(net, ckpt, num_classes=c, device=dev,
                                                  samples=cfg.stochastic_samples)
-        probes = _fit_probes(emb, lab, cfg)
+        probes, chosen_l2 = _fit_probes(emb, lab, cfg)
         names = lab.meta.get("class_names") or [str(i) for i in range(c)]
 
         n = len(emb.sample_id)
@@ -91,6 +95,8 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
                                          split=emb.split, methods_always=("clean_linear",))
             metrics["model"] = {k: ckpt["info"][k] for k in ("epoch", "weights", "readout",
                                                               "val_accuracy")}
+            metrics["model"].update(below_baseline(metrics["val_accuracy"]))
+            metrics["linear_l2"] = chosen_l2
             write_json(metrics, out.path(out_dir / "metrics.json"))
             test = emb.rows("test")
             test = test[lab.clean[test] != UNKNOWN]
@@ -100,21 +106,55 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
                       out.path(out_dir / "confusion.csv"))
 
 
+BASELINE_MARGIN = 0.005
+"""LRA-diffusion counts as below a baseline when its validation accuracy trails it by
+more than this (half a point: within it the two are level at validation-set sizes)."""
+
+
+def below_baseline(val_accuracy: dict[str, float | None]) -> dict:
+    """The guard: is LRA-diffusion's validation accuracy below kNN vote's or the noisy
+    linear probe's on the same validation rows? Returns {"below_baseline": bool, and,
+    when True, "baseline": name, "baseline_val_accuracy": its accuracy}; logs one
+    warning line naming both numbers."""
+    lra = val_accuracy.get("lra_diffusion")
+    rivals = {m: val_accuracy.get(m) for m in ("knn_vote", "noisy_linear")}
+    rivals = {m: v for m, v in rivals.items() if v is not None}
+    if lra is None or not rivals:
+        return {"below_baseline": False}
+    best = max(rivals, key=lambda m: rivals[m])
+    if lra >= rivals[best] - BASELINE_MARGIN:
+        return {"below_baseline": False}
+    log.warning("warning: LRA-diffusion validation accuracy %.4f is below %s's %.4f; see "
+                "README, Troubleshooting: 'below_baseline'", lra, best.replace("_", " "),
+                rivals[best])
+    return {"below_baseline": True, "baseline": best, "baseline_val_accuracy": rivals[best]}
+
+
 def _fit_probes(emb: EmbeddingsFile, lab: Labels, cfg: EvaluateConfig
-                ) -> dict[str, LinearProbe]:
+                ) -> tuple[dict[str, LinearProbe], dict[str, float]]:
     """The linear baselines on the raw embeddings: observed labels, and clean labels when
     every train label is known. Fitted on at most cfg.linear_max_rows train rows (a fixed
-    random subset, the same for both probes)."""
+    random subset, the same for both probes); each keeps the L2 strength best on the
+    validation rows (clean labels where known), as LRA-diffusion keeps its best epoch.
+    Returns (probes, chosen L2 per probe)."""
     train = emb.rows("train")
     if len(train) > cfg.linear_max_rows:
         pick = np.random.default_rng(0).choice(len(train), cfg.linear_max_rows, replace=False)
         train = train[np.sort(pick)]
     x = emb.read_rows(train)
-    fit = {"l2": cfg.linear_l2, "iters": cfg.linear_iters, "num_classes": lab.num_classes}
-    probes = {"noisy_linear": fit_linear(x, lab.observed[train], **fit)}
+    val = emb.rows("val")
+    x_val = emb.read_rows(val)
+    y_val = np.where(lab.clean[val] != UNKNOWN, lab.clean[val], lab.observed[val])
+    fit = {"x_val": x_val, "y_val": y_val, "num_classes": lab.num_classes,
+           "iters": cfg.linear_iters,
+           "l2_values": tuple(cfg.linear_l2 * 10.0 ** j for j in range(cfg.linear_l2_decades))}
+    targets = {"noisy_linear": lab.observed[train]}
     if (lab.clean[emb.rows("train")] != UNKNOWN).all():
-        probes["clean_linear"] = fit_linear(x, lab.clean[train], **fit)
-    return probes
+        targets["clean_linear"] = lab.clean[train]
+    probes, chosen = {}, {}
+    for name, y in targets.items():
+        probes[name], chosen[name], _ = fit_linear_selected(x, y, **fit)
+    return probes, chosen
 
 
 def _prediction_schema(num_classes: int, *, vote: bool) -> pa.Schema:

@@ -28,6 +28,7 @@ WEIGHTINGS = ("agreement", "uniform")
 PROJECTIONS = ("linear", "mlp")
 FEATURE_NORMS = ("standardize", "center", "l2", "none")
 READOUTS = ("auto", "nearest_one", "argmax")
+INITS = ("identity", "card")
 
 
 def _choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -159,8 +160,13 @@ class TrainConfig:
     ddim_steps: int = 10
     readout: str = "auto"
     eval_every: int = 1
+    guidance_dim: int = 64
+    init: str = "identity"
 
     def __post_init__(self) -> None:
+        _choice("train", "init", self.init, INITS)
+        _check(self.guidance_dim >= 0, "train", "guidance_dim", self.guidance_dim,
+               ">= 0 (0: no projection)")
         for key in ("epochs", "batch_size", "feature_dim", "ddim_steps", "eval_every"):
             _check(getattr(self, key) >= 1, "train", key, getattr(self, key), ">= 1")
         _check(self.batch_size >= 2, "train", "batch_size", self.batch_size, ">= 2 (BatchNorm)")
@@ -180,13 +186,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Evaluation and baselines. `linear_l2`: L2 penalty of the linear probes;
+    """Evaluation and baselines. `linear_l2`: the smallest L2 penalty of the linear
+    probes; `linear_l2_decades`: how many strengths are tried (linear_l2 x 10^j, j <
+    decades), each probe keeping the one best on validation (1: no selection);
     `linear_max_rows`: the probes are fitted on at most this many train rows (a fixed
     random subset beyond it), so evaluation's memory does not grow with the dataset;
     `stochastic_samples`: extra DDIM samples from y_T ~ N(0, I) per image for a vote
     confidence (0 turns it off)."""
 
     linear_l2: float = 1e-4
+    linear_l2_decades: int = 4
     linear_iters: int = 200
     linear_max_rows: int = 100_000
     stochastic_samples: int = 0
@@ -194,6 +203,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _check(self.linear_l2 >= 0, "evaluate", "linear_l2", self.linear_l2, ">= 0")
         _check(self.linear_iters >= 1, "evaluate", "linear_iters", self.linear_iters, ">= 1")
+        _check(self.linear_l2_decades >= 1, "evaluate", "linear_l2_decades",
+               self.linear_l2_decades, ">= 1")
         _check(self.linear_max_rows >= 1, "evaluate", "linear_max_rows", self.linear_max_rows,
                ">= 1")
         _check(self.stochastic_samples >= 0, "evaluate", "stochastic_samples",

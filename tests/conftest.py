@@ -35,10 +35,12 @@ VENV_BIN = Path(sys.executable).parent  # where `lra` and `dvc` are installed
 
 STAGES = ("prepare", "embed", "index", "noise", "retrieve", "train", "evaluate")
 
-# A reduced configuration of the default (digits) pipeline: seconds, not minutes.
+# A reduced configuration of the default (digits) pipeline: seconds, not minutes, and
+# still a model that learns (0.9 test accuracy at 40 % symmetric noise, not chance).
 SMALL = {
     "data": {"source": "digits"},
-    "train": {"epochs": 4, "feature_dim": 32, "eval_every": 2, "warmup_epochs": 1},
+    "train": {"epochs": 30, "feature_dim": 64, "batch_size": 64, "eval_every": 5,
+              "warmup_epochs": 1},
     "evaluate": {"linear_iters": 50},
 }
 

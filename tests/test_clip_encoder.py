@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip  # a hard dependency: a broken import must fail the suite
 
 from pipeline.encoders import RuntimeOptions
 from pipeline.encoders import clip as clip_mod

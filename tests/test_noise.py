@@ -391,7 +391,7 @@ def test_file_csv_errors(tmp_path):
 
 
 def test_file_cifar10n_like_torch_dict(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(0)
     human = {"clean_label": rng.integers(0, 10, 30), "worse_label": rng.integers(0, 10, 30),
              "aggre_label": rng.integers(0, 10, 30), "random_label1": rng.integers(0, 10, 30)}
@@ -439,7 +439,7 @@ def test_file_refuses_code_in_pickles(tmp_path, capsys, suffix):
     elif suffix == ".npy":
         np.save(path, payload, allow_pickle=True)
     else:
-        torch = pytest.importorskip("torch")
+        import torch
         torch.save(payload, path)
     with pytest.raises(ArtifactError, match=r"GLOBAL (builtins\.)?print|global builtins\.print"):
         make_noisy_labels(np.zeros(3, dtype=np.int64), num_classes=3,

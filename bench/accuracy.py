@@ -1,0 +1,188 @@
+"""Accuracy benchmark: LRA-diffusion against kNN vote and the linear probes on several
+feature spaces and noise kinds, every method on the same features and labels, through
+the pipeline's own stages (noise -> retrieve -> train -> evaluate).
+
+    uv run python -m bench.accuracy            # the full grid: 5 spaces x 5 noises x 3 seeds
+    uv run python -m bench.accuracy --quick    # the digits spaces, seed 0 (15 cells)
+    uv run python -m bench.accuracy --spaces rgb3072 --noises pmd70 --seeds 0 1 2
+
+Resumable cell by cell: each finished cell is written to bench/results/accuracy.json at
+once, and a rerun skips the cells already there with the same params (`--redo` reruns
+them). The feature spaces (bench/spaces.py) are built once under `--work`. For seed s,
+noise.seed = train.seed = s. Model selection uses the validation split only; the test
+accuracies are read from evaluate's metrics.json and never feed back into anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.spaces import DIGIT_SPACES, SPACES, build_space
+
+NOISES = {
+    "sym40": {"kind": "symmetric", "rate": 0.4},
+    "pair40": {"kind": "pairflip", "rate": 0.4},
+    "pmd35": {"kind": "pmd", "pmd_type": "I", "pmd_factor": 1.43},
+    "pmd70": {"kind": "pmd", "pmd_type": "I", "pmd_factor": 3.40},
+    "hybrid": {"kind": "hybrid", "pmd_type": "I", "pmd_factor": 1.43,
+               "hybrid_on_top": "symmetric", "rate": 0.3},
+}
+METHODS = ("lra_diffusion", "knn_vote", "noisy_linear", "clean_linear")
+
+# Training settings per space on top of params.yaml's train section (the digits default).
+# The synthetic spaces use the paper's CIFAR settings (batch 256, width 512) with fewer
+# epochs, so that the full grid fits in 3 hours on a 2-core CPU.
+TRAIN_OVERRIDES = {
+    "synth10k": {"batch_size": 256, "epochs": 60, "warmup_epochs": 3, "eval_every": 5},
+    "synth45k": {"batch_size": 256, "epochs": 30, "warmup_epochs": 2, "eval_every": 3},
+}
+RESULTS = Path("bench/results/accuracy.json")
+
+
+def cell_params(base: dict, space: str, noise: str, seed: int) -> dict:
+    """The params.yaml of one cell."""
+    train = {**base["train"], **TRAIN_OVERRIDES.get(space, {}), "seed": seed}
+    noise_cfg = {**base["noise"], **NOISES[noise], "seed": seed}
+    return {**base, "noise": noise_cfg, "train": train}
+
+
+def params_key(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_cell(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict:
+    """noise -> retrieve -> train -> evaluate in `work`; returns evaluate's metrics."""
+    from stages.evaluate import evaluate
+    from stages.noise import noise
+    from stages.retrieve import retrieve
+    from stages.train import train
+
+    pfile = work / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    emb = space_dir / "embeddings/embeddings.parquet"
+    started = time.perf_counter()
+    noise(params=pfile, prepared=space_dir / "prepared/samples.parquet", embeddings=emb,
+          out_dir=work / "labels")
+    retrieve(params=pfile, index_path=space_dir / "index/train.faiss", embeddings=emb,
+             labels=work / "labels/labels.parquet", out_dir=work / "retrieval",
+             threads=threads)
+    train(params=pfile, embeddings=emb, labels=work / "labels/labels.parquet",
+          retrieval=work / "retrieval/neighbours.parquet", out_dir=work / "model",
+          device="auto", threads=threads, progress=False)
+    evaluate(params=pfile, model=work / "model/model.pt", embeddings=emb,
+             labels=work / "labels/labels.parquet",
+             retrieval=work / "retrieval/neighbours.parquet", out_dir=work / "evaluate",
+             device="auto", chunk_rows=4096, threads=threads, progress=False)
+    metrics = json.loads((work / "evaluate/metrics.json").read_text())
+    metrics["train"] = json.loads((work / "model/train.json").read_text())
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    return metrics
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"cells": {}}
+
+
+def save_results(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per (space, noise), test accuracy mean ± sd over the seeds run."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for cell in results["cells"].values():
+        groups.setdefault((cell["space"], cell["noise"]), []).append(cell)
+    lines = ["| space | noise | rate | seeds | LRA-diffusion | kNN vote | noisy linear | "
+             "clean linear | LRA - best baseline | below baseline (val) | s / cell |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for space in SPACES:
+        for noise in NOISES:
+            cells = groups.get((space, noise))
+            if not cells:
+                continue
+            acc = {m: [c["metrics"]["test_accuracy"][m] for c in cells] for m in METHODS}
+            rate = statistics.mean(c["metrics"]["noise"]["observed_rate"] for c in cells)
+            gap = 100 * (statistics.mean(acc["lra_diffusion"])
+                         - max(statistics.mean(acc["knn_vote"]),
+                               statistics.mean(acc["noisy_linear"])))
+            flagged = sum(bool(c["metrics"]["model"].get("below_baseline")) for c in cells)
+            secs = statistics.mean(c["metrics"]["seconds"] for c in cells)
+            cols = [_fmt(acc[m]) for m in METHODS]
+            lines.append(f"| {space} | {noise} | {rate:.3f} | {len(cells)} | "
+                         f"{' | '.join(cols)} | {gap:+.1f} | {flagged}/{len(cells)} | "
+                         f"{secs:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the digits spaces, seed 0 (within 20 minutes on 2 cores)")
+    parser.add_argument("--spaces", nargs="+", choices=SPACES)
+    parser.add_argument("--noises", nargs="+", choices=tuple(NOISES))
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--work", type=Path, default=Path(".lra-cache/bench-accuracy"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch / FAISS threads (0: each stage's default)")
+    parser.add_argument("--redo", action="store_true", help="rerun cells already done")
+    parser.add_argument("--table", action="store_true", help="only print the table")
+    args = parser.parse_args()
+    results = load_results(args.out)
+    if args.table:
+        print(table(results))
+        return
+    spaces = args.spaces or (DIGIT_SPACES if args.quick else SPACES)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    noises = args.noises or tuple(NOISES)
+    base = yaml.safe_load(args.params.read_text())
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "processor": platform.processor() or platform.machine()}
+    started = time.perf_counter()
+    for space in spaces:
+        space_dir = build_space(space, args.work)
+        for noise in noises:
+            for seed in seeds:
+                name = f"{space}/{noise}/{seed}"
+                params = cell_params(base, space, noise, seed)
+                done = results["cells"].get(name)
+                if done and done["params_key"] == params_key(params) and not args.redo:
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    metrics = run_cell(space_dir, params, Path(tmp), threads=args.threads)
+                results["cells"][name] = {"space": space, "noise": noise, "seed": seed,
+                                          "params_key": params_key(params),
+                                          "params": params, "metrics": metrics}
+                save_results(results, args.out)
+                acc = metrics["test_accuracy"]
+                print(f"{name}: " + ", ".join(f"{m} {acc[m]:.4f}" for m in METHODS)
+                      + f" ({metrics['seconds']:.0f} s)", flush=True)
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The accuracy benchmark's feature spaces, each built into a folder as the pipeline's own
+artifacts (`prepared/samples.parquet`, `embeddings/embeddings.parquet`,
+`index/train.faiss`), so every method afterwards runs through the real stages.
+
+    digits64   scikit-learn digits through `lra prepare` + `lra embed` (pixels, 64-d):
+               the embedded default.
+    rgb3072    the same digits written as 32x32 RGB PNGs (each pixel a 4x4 block, grey
+               copied to 3 channels) in an ImageFolder, read by `lra prepare`
+               (source imagefolder, its own seeded stratified split) and embedded by the
+               pixels encoder: 3,072 coordinates of rank 64, each pixel 48 times.
+    proj768    digits64's vectors through a fixed random linear map to 768-d, plus a
+               shared offset and 8 coordinates 20x larger than the rest: the anisotropy
+               CLIP image features have (random pairs at cosine ~0.5, a few dominant
+               coordinates). Written with the pipeline's embeddings writer.
+    synth10k / synth45k
+               bench/synthetic.py CLIP-like 768-d embeddings, 10 classes, 10,000 or 45,000
+               train rows (+ 10 % clean val, 20 % test, the CIFAR proportions), with the
+               class overlap raised (SYNTH_OVERLAP) so a clean linear probe stays below
+               97 %: at the generator's defaults every method is at ~100 %.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from bench.synthetic import SyntheticSpec, generate
+
+SPACES = ("digits64", "rgb3072", "proj768", "synth10k", "synth45k")
+DIGIT_SPACES = ("digits64", "rgb3072", "proj768")
+
+# Class and sub-cluster scales of the synthetic generator (its defaults: 0.22, 0.2).
+SYNTH_OVERLAP = {"blend": 0.5}
+
+
+def _write_params(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump({"data": data, "embed": {"encoder": "pixels"},
+                                    "index": {"factory": "Flat"}}))
+    return path
+
+
+def _prepare_and_embed(folder: Path, data: dict) -> None:
+    from stages.embed import embed
+    from stages.prepare import prepare
+
+    pfile = _write_params(folder / "params.yaml", data)
+    prepare(params=pfile, out_dir=folder / "prepared")
+    embed(params=pfile, prepared=folder / "prepared/samples.parquet",
+          out=folder / "embeddings/embeddings.parquet", progress=False)
+
+
+def _index(folder: Path) -> None:
+    from stages.index import index
+
+    pfile = _write_params(folder / "index_params.yaml", {"source": "digits"})
+    index(params=pfile, embeddings=folder / "embeddings/embeddings.parquet",
+          out_dir=folder / "index")
+
+
+def _write_rgb_folder(target: Path) -> None:
+    """digits as 32x32 RGB PNGs in <class>/<n>.png."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
+    big = np.repeat(np.repeat(grey, 4, axis=1), 4, axis=2)  # (N, 32, 32)
+    for i, (img, label) in enumerate(zip(big, digits.target)):
+        out = target / str(label) / f"{i:04d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.stack([img] * 3, axis=-1), mode="RGB").save(out)
+
+
+def _copy_prepared_with(folder: Path, source: Path, vectors: np.ndarray,
+                        provenance: dict) -> None:
+    """folder/prepared = source's prepared table; folder/embeddings = `vectors`."""
+    import shutil
+
+    from pipeline.tables import open_embeddings, write_embeddings
+
+    (folder / "prepared").mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / "prepared/samples.parquet", folder / "prepared/samples.parquet")
+    emb = open_embeddings(source / "embeddings/embeddings.parquet")
+    write_embeddings(folder / "embeddings/embeddings.parquet", sample_id=emb.sample_id,
+                     split=emb.split, vectors=vectors, provenance=provenance)
+
+
+def clip_like_projection(x: np.ndarray, *, dim: int = 768, seed: int = 1234) -> np.ndarray:
+    """(N, d) -> (N, dim) float32: random Gaussian map, a shared offset (3x a row's
+    typical norm), and the first 8 output coordinates scaled by 20."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((x.shape[1], dim)).astype(np.float32) / np.sqrt(x.shape[1])
+    z = x.astype(np.float32) @ w
+    z += 3.0 * np.linalg.norm(z, axis=1).mean() / np.sqrt(dim) * rng.standard_normal(
+        dim).astype(np.float32)
+    z[:, :8] *= 20.0
+    return np.ascontiguousarray(z, dtype=np.float32)
+
+
+def _synthetic(folder: Path, train_rows: int) -> None:
+    """Synthetic embeddings with prepared labels: train / clean val / test = 1 : 0.11 : 0.22
+    (45,000 / 5,000 / 10,000 as in CIFAR)."""
+    from pipeline.artifacts import write_table
+    from pipeline.sources import make_table
+    from pipeline.tables import write_embeddings
+
+    val, test = train_rows // 9, (2 * train_rows) // 9
+    n = train_rows + val + test
+    spec = SyntheticSpec(n=n, dim=768, classes=10, k=1, noise_rate=0.0, seed=0,
+                         **SYNTH_OVERLAP)
+    arrays = generate(spec)
+    split = np.array(["train"] * train_rows + ["val"] * val + ["test"] * test, dtype=object)
+    clean = arrays["clean"]
+    table = make_table(split=split, label=clean, clean_label=clean,
+                       path=[f"synthetic/{i}" for i in range(n)])
+    (folder / "prepared").mkdir(parents=True, exist_ok=True)
+    write_table(table, folder / "prepared/samples.parquet", metadata={
+        "source": "synthetic", "class_names": [str(c) for c in range(10)],
+        "num_classes": 10, "labels_are_clean": True, "image_root": None})
+    write_embeddings(folder / "embeddings/embeddings.parquet",
+                     sample_id=np.arange(n, dtype=np.int64), split=split,
+                     vectors=arrays["embeddings"],
+                     provenance={"encoder": "synthetic", "model": None, "pretrained": None,
+                                 "normalised": False,
+                                 "generator": json.dumps(dataclasses.asdict(spec))})
+
+
+def build_space(name: str, root: Path) -> Path:
+    """Build (once) and return the folder holding `name`'s prepared table, embeddings
+    and index. Spaces derived from digits64 build it first."""
+    folder = root / name
+    if (folder / "index/train.faiss").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "digits64":
+        _prepare_and_embed(folder, {"source": "digits"})
+    elif name == "rgb3072":
+        _write_rgb_folder(folder / "images")
+        _prepare_and_embed(folder, {"source": "imagefolder", "root": str(folder / "images")})
+    elif name == "proj768":
+        base = build_space("digits64", root)
+        from pipeline.tables import open_embeddings
+
+        x = open_embeddings(base / "embeddings/embeddings.parquet").read_rows()
+        _copy_prepared_with(folder, base, clip_like_projection(x), {
+            "encoder": "digits64 random projection", "model": None, "pretrained": None,
+            "normalised": False})
+    elif name in ("synth10k", "synth45k"):
+        _synthetic(folder, 10_000 if name == "synth10k" else 45_000)
+    else:
+        raise ValueError(f"unknown space {name!r}; valid: {', '.join(SPACES)}")
+    _index(folder)
+    return folder

@@ -321,9 +321,15 @@ def test_nproc_relaunches_under_torchrun(command, embed_inputs, train_inputs, tm
 
 
 # --------------------------------------------------------------------------- train
+# init: card (random gamma rows) makes every weight matter from the first step, so the
+# comparison below is tight. With the identity init, the conditional layers' biases are
+# cancelled by BatchNorm while gamma is still 1: Adam turns their rounding-noise
+# gradients into steps of up to lr, as for embed_x.bias (CANCELLED), and the scores then
+# differ by ~3e-4. The DDP arithmetic under test does not depend on the init.
 TRAIN_PARAMS = {"train": {"seed": 3, "epochs": 2, "batch_size": 30, "lr": 0.001,
                           "warmup_epochs": 1, "feature_dim": 16, "timesteps": 50,
-                          "ddim_steps": 5, "eval_every": 1, "ema_decay": 0.9}}
+                          "ddim_steps": 5, "eval_every": 1, "ema_decay": 0.9,
+                          "init": "card"}}
 
 
 @pytest.fixture(scope="module")
@@ -414,14 +420,9 @@ so the weights agree to float32 rounding carried through a few Adam steps: measu
 abs difference 2e-7 after 6 steps. embed_x.bias is the exception: the BatchNorm after
 it cancels it, so its true gradient is 0, what reaches Adam is rounding noise (different
 in the two runs), and Adam turns noise into steps of up to lr (measured 4e-4 here);
-norm_x.running_mean tracks that bias. The same holds for the conditional layers' biases
-while their gamma rows are still near their initial 1 (train.init: identity): bias *
-gamma_t is then the same for every row of the batch and the BatchNorm after it cancels
-it; norm1-3.running_mean track them. All are checked only through what the network
+norm_x.running_mean tracks that bias. Both are checked only through what the network
 computes (the validation scores), where they cancel."""
-CANCELLED = ("embed_x.bias", "norm_x.running_mean",
-             *(f"lin{i}.linear.bias" for i in (1, 2, 3)),
-             *(f"norm{i}.running_mean" for i in (1, 2, 3)))
+CANCELLED = ("embed_x.bias", "norm_x.running_mean")
 SCORE_TOLERANCE = {"rtol": 1e-5, "atol": 2e-5}
 """Validation scores: the weights' rounding differences carried through 5 DDIM steps of
 the network (measured max abs difference 8e-6 on scores of magnitude ~1)."""

@@ -4,12 +4,14 @@ noisy-label problem with known ground truth, and batched inference."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.config import TrainConfig
 from pipeline.diffusion import (alphas_cumprod, cosine_betas, ddim_sample, ddim_timesteps,
@@ -52,15 +54,31 @@ def test_unknown_projection():
 
 def test_gamma_tables_init_and_size():
     torch.manual_seed(0)
-    model = DiffusionClassifier(spec(timesteps=200, hidden=32))
-    layers = [model.lin1, model.lin2, model.lin3]
-    assert model.lin1.linear.in_features == 4 + 12  # concat[y_t, features]
-    for layer in layers:
+    card = DiffusionClassifier(spec(timesteps=200, hidden=32, init="card"))
+    ident = DiffusionClassifier(spec(timesteps=200, hidden=32))
+    assert card.lin1.linear.in_features == 4 + 12  # concat[y_t, features]
+    for layer in [card.lin1, card.lin2, card.lin3]:
         w = layer.gamma.weight
         assert w.shape == (201, 32)
         assert w.min().item() >= 0.0 and w.max().item() < 1.0
         assert abs(w.mean().item() - 0.5) < 0.05  # uniform, not constant
         assert abs(w.std().item() - 1 / math.sqrt(12)) < 0.03
+    for layer in [ident.lin1, ident.lin2, ident.lin3]:
+        assert torch.equal(layer.gamma.weight, torch.ones(201, 32))
+
+
+def test_identity_init_starts_with_unit_modulation():
+    """x_emb = 1 and no timestep dependence before training (train.init: identity)."""
+    torch.manual_seed(0)
+    model = DiffusionClassifier(spec()).train()
+    f = torch.randn(8, 12)
+    x_emb, _ = model.condition(f)
+    assert torch.allclose(x_emb, torch.ones_like(x_emb))
+    y = torch.randn(8, 4)
+    with torch.no_grad():
+        a = model(y, torch.full((8,), 5), f)
+        b = model(y, torch.full((8,), 40), f)
+    assert torch.allclose(a, b)
 
 
 def test_conditional_linear_scales_by_gamma_row():
@@ -76,7 +94,7 @@ def test_conditional_linear_scales_by_gamma_row():
 
 def test_output_depends_on_timestep_and_features():
     torch.manual_seed(0)
-    model = DiffusionClassifier(spec()).eval()
+    model = DiffusionClassifier(spec(init="card")).eval()
     y, f = torch.randn(3, 4), torch.randn(3, 12)
     with torch.no_grad():
         a = model(y, torch.full((3,), 5), f)
@@ -459,3 +477,45 @@ def test_conditioning_once_matches_the_whole_forward_pass():
     assert s.sampling_flops_per_sample(10) == (s.condition_flops_per_sample()
                                               + 10 * s.step_flops_per_sample())
     assert s.sampling_flops_per_sample(1) == s.flops_per_sample()
+
+
+def test_guidance_basis_is_a_scaled_pca_that_drops_empty_directions():
+    from pipeline.training import guidance_basis
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(500, 6, generator=gen) * torch.tensor([5.0, 3, 2, 1, 0.5, 0.1])
+    x = base.repeat_interleave(4, dim=1)  # (500, 24): rank 6, each coordinate 4 times
+    basis = guidance_basis(x, 8)
+    assert basis.shape == (24, 8) and basis.dtype == torch.float32
+    assert torch.count_nonzero(basis[:, 6:]) == 0  # beyond the rank: zero columns
+    z = (x - x.mean(0)) @ basis[:, :6]
+    var = z.var(0, unbiased=False)
+    assert var.mean().item() == pytest.approx(1.0, rel=1e-4)
+    assert torch.all(var[:-1] >= var[1:])  # ordered by variance
+    cov = (z.T @ z) / len(z)
+    assert torch.allclose(cov, torch.diag(var), atol=1e-4)  # decorrelated
+
+
+def test_wide_features_are_projected_and_the_basis_travels_in_the_checkpoint(tmp_path):
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.features import FeatureNormalizer
+
+    gen = torch.Generator().manual_seed(1)
+    n, c = 120, 3
+    labels = torch.arange(n) % c
+    x = (torch.randn(n, 6, generator=gen) + 3 * F.one_hot(labels, 6)[:, :6].float())
+    x = x.repeat_interleave(20, dim=1)  # (n, 120) > guidance_dim
+    data = TrainData(features=x, candidates=labels[:, None].repeat(1, 3),
+                     val_features=x[:30], val_labels=labels[:30], num_classes=c)
+    cfg = TrainConfig(epochs=2, batch_size=40, feature_dim=16, timesteps=50, ddim_steps=5,
+                      warmup_epochs=1, guidance_dim=8, eval_every=1)
+    result = train_diffusion(data, cfg, progress=False)
+    assert result.spec.guidance_dim == 8
+    assert result.state_dict["guidance"].shape == (120, 8)
+    save_checkpoint(tmp_path / "m.pt", spec=result.spec, state_dict=result.state_dict,
+                    normalizer=FeatureNormalizer.fit(x.numpy(), "none"), ddim_steps=5,
+                    readout="argmax", info={})
+    model, _ = load_checkpoint(tmp_path / "m.pt")
+    assert torch.equal(model.guidance, result.state_dict["guidance"])
+    narrow = dataclasses.replace(cfg, guidance_dim=200)  # not wider than D: no projection
+    assert train_diffusion(data, narrow, progress=False).spec.guidance_dim is None

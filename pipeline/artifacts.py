@@ -156,9 +156,15 @@ _PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True}
 
 
 def write_table(table: pa.Table, path: str | Path, *, metadata: dict[str, Any] | None = None,
-                row_group_rows: int = ROW_GROUP_ROWS) -> None:
+                row_group_rows: int = ROW_GROUP_ROWS, fingerprint: bool = False) -> None:
     """Write `table` to Parquet atomically; `metadata` values are stored as JSON strings
-    in the schema's key-value metadata (provenance: encoder, dim, source, ...)."""
+    in the schema's key-value metadata (provenance: encoder, dim, source, ...).
+    fingerprint: also store the hash of the table's values (`pipeline.lineage`) under
+    "fingerprint", replacing any given in `metadata`."""
+    if fingerprint:
+        from pipeline.lineage import FINGERPRINT, table_fingerprint
+
+        metadata = {**(metadata or {}), FINGERPRINT: table_fingerprint(table)}
     table = table.replace_schema_metadata(_with_metadata(table.schema, metadata).metadata)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_rows, **_PARQUET_OPTIONS)

@@ -63,6 +63,25 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
+def index_info_path(index_path: str | Path) -> Path:
+    """index.json, written by `lra index` beside the index file."""
+    return Path(index_path).with_name("index.json")
+
+
+def load_index_with_info(path: str | Path) -> tuple[faiss.Index, dict]:
+    """The index and its index.json (factory, dim, vectors, fingerprint, built_from);
+    ArtifactError when the two do not describe the same index."""
+    from pipeline.artifacts import read_json
+
+    index = load_index(path)
+    info = read_json(index_info_path(path), "index info (lra index)")
+    if (info.get("dim"), info.get("vectors")) != (index.d, index.ntotal):
+        raise ArtifactError(f"index at {path} ({index.ntotal} vectors of dimension {index.d}) "
+                            f"does not match {index_info_path(path)} ({info.get('vectors')} "
+                            f"of dimension {info.get('dim')}); rerun `lra index`")
+    return index, info
+
+
 def load_index(path: str | Path) -> faiss.Index:
     path = Path(path)
     if not path.exists():

@@ -28,6 +28,7 @@ from pipeline.artifacts import (ROW_GROUP_ROWS, embedding_array, fixed_list_arra
                                 iter_row_groups, list_column_to_numpy, read_table,
                                 row_group_rows, write_table)
 from pipeline.errors import ArtifactError
+from pipeline.lineage import Ref, ref
 
 UNKNOWN = -1
 """Stands for a null label in int64 arrays (clean labels of real-noise datasets)."""
@@ -56,6 +57,10 @@ class Prepared:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def ref(self, path: str | Path) -> Ref:
+        return ref("prepared", "prepared table", path, "lra prepare", self.meta,
+                   rows=self.table.num_rows)
 
 
 def read_prepared(path: str | Path) -> Prepared:
@@ -96,7 +101,7 @@ def write_embeddings(path: str | Path, *, sample_id: np.ndarray, split: np.ndarr
         "embedding": embedding_array(vectors),
     })
     write_table(table, path, metadata={**provenance, "dim": int(vectors.shape[1])},
-                row_group_rows=row_group_rows(4 * vectors.shape[1] + 16))
+                row_group_rows=row_group_rows(4 * vectors.shape[1] + 16), fingerprint=True)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,10 @@ class EmbeddingsFile:
     def rows(self, split: str) -> np.ndarray:
         """Row positions of one split: (n,) int64."""
         return np.flatnonzero(self.split == split)
+
+    def ref(self) -> Ref:
+        return ref("embeddings", "embeddings", self.path, "lra embed", self.meta,
+                   rows=len(self.sample_id), dim=self.dim)
 
     def _checked(self, vectors: np.ndarray, start: int) -> np.ndarray:
         bad = ~np.isfinite(vectors).all(axis=1)
@@ -202,6 +211,9 @@ class Labels:
     num_classes: int
     meta: dict[str, Any]
 
+    def ref(self, path: str | Path) -> Ref:
+        return ref("labels", "labels", path, "lra noise", self.meta, rows=len(self.sample_id))
+
 
 def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
                  clean: np.ndarray, observed: np.ndarray, metadata: dict[str, Any]) -> None:
@@ -213,7 +225,7 @@ def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
         "observed_label": pa.array(observed, type=pa.int64()),
         "is_corrupted": pa.array(clean != observed, type=pa.bool_(), mask=~known),
     })
-    write_table(table, path, metadata=metadata)
+    write_table(table, path, metadata=metadata, fingerprint=True)
 
 
 def read_labels(path: str | Path) -> Labels:
@@ -270,7 +282,8 @@ def write_retrieval(path: str | Path, *, sample_id: np.ndarray, split: np.ndarra
         "own_label_agreement": pa.array(agreement, type=pa.float32(), mask=~is_train),
     })
     write_table(table, path, metadata=metadata,
-                row_group_rows=row_group_rows(table.nbytes // max(len(table), 1)))
+                row_group_rows=row_group_rows(table.nbytes // max(len(table), 1)),
+                fingerprint=True)
 
 
 @dataclass(frozen=True)
@@ -281,6 +294,9 @@ class NeighbourChunks:
     path: Path
     sample_id: np.ndarray
     meta: dict[str, Any]
+
+    def ref(self) -> Ref:
+        return retrieval_ref(self.path, self.meta, len(self.sample_id))
 
     def iter_chunks(self, chunk_rows: int = ROW_GROUP_ROWS
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -331,6 +347,18 @@ def read_retrieval(path: str | Path) -> Retrieval:
 def read_candidates(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """What training needs of the retrieval table: (sample_id (N,) int64, candidates
     (N, k + 1) int64 with UNKNOWN on non-train rows), reading only those two columns."""
-    table, _ = read_table(path, "retrieval table", columns=("sample_id", "candidate_labels"),
-                          required=RETRIEVAL_COLUMNS)
-    return table.column("sample_id").to_numpy(), _candidates(table.column("candidate_labels"))
+    ids, candidates, _ = read_candidates_meta(path)
+    return ids, candidates
+
+
+def read_candidates_meta(path: str | Path) -> tuple[np.ndarray, np.ndarray, Ref]:
+    """`read_candidates` and the table's lineage `Ref`."""
+    table, meta = read_table(path, "retrieval table", columns=("sample_id", "candidate_labels"),
+                             required=RETRIEVAL_COLUMNS)
+    ids = table.column("sample_id").to_numpy()
+    return ids, _candidates(table.column("candidate_labels")), retrieval_ref(path, meta,
+                                                                             len(ids))
+
+
+def retrieval_ref(path: str | Path, meta: dict[str, Any], rows: int) -> Ref:
+    return ref("retrieval", "retrieval table", path, "lra retrieve", meta, rows=rows)

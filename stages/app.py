@@ -57,7 +57,21 @@ ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to rea
 
 
 OutDirOption = Annotated[Path, typer.Option(
-    "--out-dir", help="Folder the stage writes its outputs to.")]
+    "--out-dir", help="Folder the stage writes its outputs to (created if missing).")]
+# Input options are named after the artifact they read.
+PreparedOption = Annotated[Path, typer.Option(
+    "--prepared", help="Prepared table (lra prepare): data/prepared/samples.parquet.")]
+EmbeddingsOption = Annotated[Path, typer.Option(
+    "--embeddings", help="Embeddings table (lra embed): data/embeddings/embeddings.parquet.")]
+IndexOption = Annotated[Path, typer.Option(
+    "--index", help="FAISS index (lra index): data/index/train.faiss, with its index.json "
+                    "beside it.")]
+LabelsOption = Annotated[Path, typer.Option(
+    "--labels", help="Labels table (lra noise): data/labels/labels.parquet.")]
+RetrievalOption = Annotated[Path, typer.Option(
+    "--retrieval", help="Retrieval table (lra retrieve): data/retrieval/neighbours.parquet.")]
+ModelOption = Annotated[Path, typer.Option(
+    "--model", help="Model checkpoint (lra train): data/model/model.pt.")]
 DeviceOption = Annotated[str, typer.Option(
     "--device", envvar="LRA_DEVICE",
     help="auto | cpu | cuda | cuda:N. A runtime knob: it changes speed, not results.")]

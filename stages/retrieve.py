@@ -8,20 +8,23 @@ import numpy as np
 
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.index import apply_search_params, load_index
+from pipeline import lineage
+from pipeline.index import apply_search_params, load_index_with_info
 from pipeline.retrieval import (candidate_labels, label_distribution,
                                 neighbours_excluding_self, own_label_agreement)
 from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_labels,
                              write_retrieval)
-from stages.app import ParamsOption, ThreadsOption, app, set_threads, stage
+from stages.app import (EmbeddingsOption, IndexOption, LabelsOption, OutDirOption,
+                        ParamsOption, ProgressOption, ThreadsOption, app, set_threads, stage)
 
 
 @app.command()
 def retrieve(params: ParamsOption = Path("params.yaml"),
-             index_path: Path = Path("data/index/train.faiss"),
-             embeddings: Path = Path("data/embeddings/embeddings.parquet"),
-             labels: Path = Path("data/labels/labels.parquet"),
-             out_dir: Path = Path("data/retrieval"), threads: ThreadsOption = 0) -> None:
+             index: IndexOption = Path("data/index/train.faiss"),
+             embeddings: EmbeddingsOption = Path("data/embeddings/embeddings.parquet"),
+             labels: LabelsOption = Path("data/labels/labels.parquet"),
+             out_dir: OutDirOption = Path("data/retrieval"), threads: ThreadsOption = 0,
+             progress: ProgressOption = True) -> None:
     """For every sample, its k nearest train neighbours (never itself) and their labels."""
     with stage("retrieve", params) as p:
         set_threads(threads)
@@ -29,11 +32,15 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
         emb = open_embeddings(embeddings)
         lab = read_labels(labels)
         check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
-        idx = load_index(index_path)
+        idx, info = load_index_with_info(index)
+        index_ref = lineage.ref("index", "FAISS index", index, "lra index", info,
+                                rows=info.get("vectors"), dim=info.get("dim"))
+        lineage.check_built_from(index_ref, emb.ref())
+        lineage.check_same_origin(emb.ref(), lab.ref(labels))
         n_train = int((emb.split == "train").sum())
         if idx.ntotal != n_train:
             # A stale index is a mismatched artifact (exit 1), not a params error.
-            raise ArtifactError(f"index at {index_path} holds {idx.ntotal} vectors but the "
+            raise ArtifactError(f"index at {index} holds {idx.ntotal} vectors but the "
                                 f"train split has {n_train}; rerun `lra index`")
         if k >= n_train:
             raise ConfigError(f"retrieve.k: {k} must be smaller than the train split "
@@ -73,5 +80,9 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
                             neighbour_labels=neighbour_labels, candidates=candidates,
                             distribution=distribution, agreement=agreement, is_train=is_train,
                             metadata={"k": k, "num_classes": lab.num_classes,
-                                      "distance": "cosine (1 - cos similarity)"})
+                                      "distance": "cosine (1 - cos similarity)",
+                                      lineage.BUILT_FROM: {
+                                          "index": index_ref.stamp(),
+                                          "embeddings": emb.ref().stamp(),
+                                          "labels": lab.ref(labels).stamp()}})
             write_json(summary, out.path(out_dir / "retrieval.json"))

@@ -237,12 +237,12 @@ def test_progress_env_var_is_read_as_a_bool(tmp_path, pipeline_run, value, exit_
     """LRA_PROGRESS=0 (as conftest sets it) is a valid off; junk is a usage error. The
     valid values get as far as the missing input (exit 1)."""
     result = invoke(["embed", "--params", pipeline_run.params_path,
-                     "--prepared", tmp_path / "missing.parquet", "--out", tmp_path / "e.parquet"],
+                     "--prepared", tmp_path / "missing.parquet", "--out-dir", tmp_path / "e"],
                     env={"LRA_PROGRESS": value})
     assert result.exit_code == exit_code, result.output
     if exit_code == 2:
         assert "LRA_PROGRESS" in result.stderr
-    assert not (tmp_path / "e.parquet").exists()
+    assert not (tmp_path / "e").exists()
 
 
 def test_unknown_device_is_a_usage_error(run_copy):

@@ -14,9 +14,10 @@ Null clean labels are carried as -1 in int64 arrays (`NO_LABEL`) until the table
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +49,26 @@ MAX_CHUNK = 1024
 # --------------------------------------------------------------------------- parallel
 
 
+_OPTIONS = {"workers": 0, "progress": False}
+
+
+@contextlib.contextmanager
+def parallel_options(*, workers: int = 0, progress: bool = False) -> Iterator[None]:
+    """Runtime knobs of the parallel image work below (`lra prepare --workers
+    --progress`): workers 0 means one per usable CPU, at most MAX_WORKERS."""
+    before = dict(_OPTIONS)
+    _OPTIONS.update(workers=workers, progress=progress)
+    try:
+        yield
+    finally:
+        _OPTIONS.update(before)
+
+
 def worker_count() -> int:
-    """Processes for parallel image work: usable CPUs, at most MAX_WORKERS."""
+    """Processes for parallel image work: `parallel_options(workers=N)` when N > 0, else
+    the usable CPUs, at most MAX_WORKERS."""
+    if _OPTIONS["workers"] > 0:
+        return int(_OPTIONS["workers"])
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -69,14 +88,23 @@ def _chunk_bounds(n: int, workers: int) -> list[tuple[int, int]]:
 def parallel_chunks(fn: Callable[[Any], list], items: Any, n: int) -> list:
     """Apply `fn` to ordered chunks `items[start:stop]` in worker processes; results are
     concatenated in input order. `fn` must be a module-level function (picklable)."""
+    from tqdm.auto import tqdm
+
     workers = worker_count()
     bounds = _chunk_bounds(n, workers)
     chunks = [items[a:b] for a, b in bounds]
-    if workers == 1 or len(chunks) <= 1:
-        parts = [fn(chunk) for chunk in chunks]
-    else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-            parts = list(pool.map(fn, chunks))
+    parts = []
+    with tqdm(total=n, unit="img", desc="prepare", disable=not _OPTIONS["progress"],
+              dynamic_ncols=True) as bar, contextlib.ExitStack() as stack:
+        if workers == 1 or len(chunks) <= 1:
+            results: Iterator[list] = map(fn, chunks)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers,
+                                                                           len(chunks))))
+            results = pool.map(fn, chunks)
+        for (a, b), part in zip(bounds, results):
+            parts.append(part)
+            bar.update(b - a)
     return [result for part in parts for result in part]
 
 

@@ -29,8 +29,18 @@ BUILT_FROM = "built_from"
 DIGITS = 16
 
 
+def _type_name(t: pa.DataType) -> str:
+    """A type's name without list child-field names (Parquet reads `item` back as
+    `element`)."""
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list[{_type_name(t.value_type)}][{t.list_size}]"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list[{_type_name(t.value_type)}]"
+    return str(t)
+
+
 def _update(h: Any, column: pa.Array) -> None:
-    h.update(str(column.type).encode())
+    h.update(_type_name(column.type).encode())
     h.update(column.is_null().to_numpy(zero_copy_only=False).tobytes())
     t = column.type
     if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):

@@ -69,12 +69,25 @@ def index_info_path(index_path: str | Path) -> Path:
 
 
 def load_index_with_info(path: str | Path) -> tuple[faiss.Index, dict]:
-    """The index and its index.json (factory, dim, vectors, fingerprint, built_from);
-    ArtifactError when the two do not describe the same index."""
-    from pipeline.artifacts import read_json
+    """The index and its index.json (factory, dim, vectors, fingerprint, built_from).
 
+    The file's bytes are checked against the fingerprint in index.json before FAISS
+    reads them: a damaged Flat index would otherwise load with wrong vectors, and
+    garbage in a header can make FAISS allocate without bound."""
+    from pipeline.artifacts import damaged, read_json
+    from pipeline.lineage import FINGERPRINT, file_fingerprint
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"missing FAISS index: {path} (run `lra index` first)")
+    info = read_json(index_info_path(path), "FAISS index info", "lra index")
+    if not info.get(FINGERPRINT):
+        raise ArtifactError(f"{index_info_path(path)} records no fingerprint of the index "
+                            "(written before lineage was recorded); rerun `lra index`")
+    if file_fingerprint(path) != info[FINGERPRINT]:
+        raise damaged(path, "FAISS index", "lra index",
+                      f"its bytes do not match the fingerprint in {index_info_path(path)}")
     index = load_index(path)
-    info = read_json(index_info_path(path), "index info (lra index)")
     if (info.get("dim"), info.get("vectors")) != (index.d, index.ntotal):
         raise ArtifactError(f"index at {path} ({index.ntotal} vectors of dimension {index.d}) "
                             f"does not match {index_info_path(path)} ({info.get('vectors')} "
@@ -88,8 +101,10 @@ def load_index(path: str | Path) -> faiss.Index:
         raise ArtifactError(f"missing FAISS index: {path} (run `lra index` first)")
     try:
         return faiss.read_index(str(path))
-    except RuntimeError as exc:
-        raise ArtifactError(f"{path} is not a readable FAISS index: {exc}") from None
+    except (RuntimeError, MemoryError) as exc:
+        from pipeline.artifacts import damaged
+
+        raise damaged(path, "FAISS index", "lra index", exc) from None
 
 
 def apply_search_params(index: faiss.Index, params: str) -> None:

@@ -22,16 +22,18 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.artifacts import (ROW_GROUP_ROWS, embedding_array, fixed_list_array, iter_chunks,
-                                iter_row_groups, list_column_to_numpy, read_table,
+from pipeline.artifacts import (ROW_GROUP_ROWS, check_intact, embedding_array, fixed_list_array, iter_chunks,
+                                iter_row_groups, list_column_to_numpy, read_schema, read_table,
                                 row_group_rows, write_table)
 from pipeline.errors import ArtifactError
 from pipeline.lineage import Ref, ref
 
 UNKNOWN = -1
 """Stands for a null label in int64 arrays (clean labels of real-noise datasets)."""
+
+# The commands that rebuild each table (named in the error for a damaged one).
+PREPARE, EMBED, NOISE, RETRIEVE = "lra prepare", "lra embed", "lra noise", "lra retrieve"
 
 
 def _split(table: pa.Table) -> np.ndarray:
@@ -59,13 +61,13 @@ class Prepared:
         return len(self.class_names)
 
     def ref(self, path: str | Path) -> Ref:
-        return ref("prepared", "prepared table", path, "lra prepare", self.meta,
+        return ref("prepared", "prepared table", path, PREPARE, self.meta,
                    rows=self.table.num_rows)
 
 
 def read_prepared(path: str | Path) -> Prepared:
     table, meta = read_table(path, "prepared table", required=(
-        "sample_id", "split", "label", "clean_label", "image", "path"))
+        "sample_id", "split", "label", "clean_label", "image", "path"), rebuild=PREPARE)
     for key in ("class_names", "labels_are_clean"):
         if key not in meta:
             raise ArtifactError(f"prepared table at {path} lacks metadata {key!r}; "
@@ -124,7 +126,7 @@ class EmbeddingsFile:
         return np.flatnonzero(self.split == split)
 
     def ref(self) -> Ref:
-        return ref("embeddings", "embeddings", self.path, "lra embed", self.meta,
+        return ref("embeddings", "embeddings", self.path, EMBED, self.meta,
                    rows=len(self.sample_id), dim=self.dim)
 
     def _checked(self, vectors: np.ndarray, start: int) -> np.ndarray:
@@ -141,7 +143,8 @@ class EmbeddingsFile:
         except for the last chunk (row-aligned with `NeighbourChunks.iter_chunks`); each
         chunk is checked for NaN / inf."""
         start = 0
-        for table in iter_chunks(self.path, ["embedding"], chunk_rows):
+        for table in iter_chunks(self.path, ["embedding"], chunk_rows, what="embeddings",
+                                 rebuild=EMBED):
             vectors = self._checked(list_column_to_numpy(table.column(0), np.float32), start)
             yield start, vectors
             start += len(vectors)
@@ -156,7 +159,8 @@ class EmbeddingsFile:
             raise ValueError("read_rows needs strictly increasing row positions")
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         start = 0
-        for group in iter_row_groups(self.path, ["embedding"]):
+        for group in iter_row_groups(self.path, ["embedding"], what="embeddings",
+                                     rebuild=EMBED):
             vectors = self._checked(list_column_to_numpy(group.column(0), np.float32), start)
             lo, hi = np.searchsorted(rows, [start, start + len(vectors)])
             np.take(vectors, rows[lo:hi] - start, axis=0, out=out[lo:hi])  # no temporary
@@ -177,8 +181,8 @@ def open_embeddings(path: str | Path) -> EmbeddingsFile:
     """Read the ids, splits and provenance of an embeddings table and check its schema;
     the vectors stay on disk until asked for."""
     table, meta = read_table(path, "embeddings", columns=("sample_id", "split"),
-                             required=("sample_id", "split", "embedding"))
-    col_type = pq.read_schema(path).field("embedding").type
+                             required=("sample_id", "split", "embedding"), rebuild=EMBED)
+    col_type = read_schema(path, "embeddings", EMBED).field("embedding").type
     if not (pa.types.is_fixed_size_list(col_type) and pa.types.is_float32(col_type.value_type)):
         raise ArtifactError(f"embeddings at {path}: column 'embedding' is {col_type}, expected "
                             "fixed_size_list<float32>[D]; rerun `lra embed`")
@@ -212,7 +216,7 @@ class Labels:
     meta: dict[str, Any]
 
     def ref(self, path: str | Path) -> Ref:
-        return ref("labels", "labels", path, "lra noise", self.meta, rows=len(self.sample_id))
+        return ref("labels", "labels", path, NOISE, self.meta, rows=len(self.sample_id))
 
 
 def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
@@ -230,7 +234,7 @@ def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
 
 def read_labels(path: str | Path) -> Labels:
     table, meta = read_table(path, "labels", required=(
-        "sample_id", "split", "clean_label", "observed_label"))
+        "sample_id", "split", "clean_label", "observed_label"), rebuild=NOISE)
     if "num_classes" not in meta:
         raise ArtifactError(f"labels at {path} lack num_classes metadata; rerun `lra noise`")
     c = int(meta["num_classes"])
@@ -302,7 +306,8 @@ class NeighbourChunks:
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield (first row, neighbour_labels (b, k) int64, distances (b, k) float32)."""
         start = 0
-        for table in iter_chunks(self.path, ["neighbour_labels", "distances"], chunk_rows):
+        for table in iter_chunks(self.path, ["neighbour_labels", "distances"], chunk_rows,
+                                 what="retrieval table", rebuild=RETRIEVE):
             labels = list_column_to_numpy(table.column(0), np.int64)
             yield start, labels, list_column_to_numpy(table.column(1), np.float32)
             start += len(labels)
@@ -310,7 +315,8 @@ class NeighbourChunks:
 
 def open_neighbours(path: str | Path) -> NeighbourChunks:
     table, meta = read_table(path, "retrieval table", columns=("sample_id",), required=(
-        "sample_id", "neighbour_labels", "distances"))
+        "sample_id", "neighbour_labels", "distances"), rebuild=RETRIEVE)
+    _check_rest(path, ("sample_id", "neighbour_labels", "distances"))
     return NeighbourChunks(Path(path), table.column("sample_id").to_numpy(), meta)
 
 
@@ -335,7 +341,7 @@ def read_retrieval(path: str | Path) -> Retrieval:
     """The columns `Retrieval` holds (not the label distributions, which stages recompute
     or do not need)."""
     table, meta = read_table(path, "retrieval table", columns=RETRIEVAL_COLUMNS,
-                             required=RETRIEVAL_COLUMNS)
+                             required=RETRIEVAL_COLUMNS, rebuild=RETRIEVE)
     return Retrieval(
         sample_id=table.column("sample_id").to_numpy(), split=_split(table),
         neighbour_ids=list_column_to_numpy(table.column("neighbour_ids"), np.int64),
@@ -354,11 +360,20 @@ def read_candidates(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def read_candidates_meta(path: str | Path) -> tuple[np.ndarray, np.ndarray, Ref]:
     """`read_candidates` and the table's lineage `Ref`."""
     table, meta = read_table(path, "retrieval table", columns=("sample_id", "candidate_labels"),
-                             required=RETRIEVAL_COLUMNS)
+                             required=RETRIEVAL_COLUMNS, rebuild=RETRIEVE)
+    _check_rest(path, ("sample_id", "candidate_labels"))
     ids = table.column("sample_id").to_numpy()
     return ids, _candidates(table.column("candidate_labels")), retrieval_ref(path, meta,
                                                                              len(ids))
 
 
+def _check_rest(path: str | Path, read: tuple[str, ...]) -> None:
+    """Verify the retrieval table's columns that the caller does not read (a damaged
+    page anywhere is refused)."""
+    names = read_schema(path, "retrieval table", RETRIEVE).names
+    check_intact(path, [n for n in names if n not in read], what="retrieval table",
+                 rebuild=RETRIEVE)
+
+
 def retrieval_ref(path: str | Path, meta: dict[str, Any], rows: int) -> Ref:
-    return ref("retrieval", "retrieval table", path, "lra retrieve", meta, rows=rows)
+    return ref("retrieval", "retrieval table", path, RETRIEVE, meta, rows=rows)

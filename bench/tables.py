@@ -31,17 +31,6 @@ def val_rows(rows: int) -> int:
     return min(16, rows // 2)
 
 
-def _stamp(path: Path, rows: int, dim: int | None = None) -> dict:
-    """The lineage stamp of a table just written (what `lra train` / `evaluate` check)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.artifacts import read_metadata
-    from pipeline.lineage import ref
-
-    return ref("", "", path, "", read_metadata(pq.read_schema(path)), rows=rows,
-               dim=dim).stamp()
-
-
 def materialise(data_dir: str | Path, *, rows: int, scale: dict) -> Path:
     """Write (once) the artifacts of the first `rows` synthetic rows; returns their folder."""
     import torch
@@ -52,7 +41,7 @@ def materialise(data_dir: str | Path, *, rows: int, scale: dict) -> Path:
     from pipeline.lineage import BUILT_FROM
     from pipeline.model import DiffusionClassifier, ModelSpec
     from pipeline.retrieval import label_distribution, own_label_agreement
-    from pipeline.tables import write_embeddings, write_labels, write_retrieval
+    from pipeline.tables import table_stamp, write_embeddings, write_labels, write_retrieval
 
     folder = Path(data_dir) / f"tables-v{VERSION}-{rows}-h{scale['hidden']}"
     if (folder / "params.yaml").exists():
@@ -77,8 +66,8 @@ def materialise(data_dir: str | Path, *, rows: int, scale: dict) -> Path:
         write_labels(paths["labels"], sample_id=ids, split=split,
                      clean=arrays["clean"], observed=arrays["observed"],
                      metadata={"num_classes": c, "class_names": [str(i) for i in range(c)]})
-        built_from = {"embeddings": _stamp(paths["embeddings"], n, emb.shape[1]),
-                      "labels": _stamp(paths["labels"], n)}
+        built_from = {"embeddings": table_stamp(paths["embeddings"]),
+                      "labels": table_stamp(paths["labels"])}
         write_retrieval(paths["neighbours"], sample_id=ids, split=split,
                         neighbour_ids=rng.integers(0, n, (n, k)),
                         distances=rng.random((n, k), dtype=np.float32),
@@ -86,7 +75,7 @@ def materialise(data_dir: str | Path, *, rows: int, scale: dict) -> Path:
                         distribution=label_distribution(candidates, c),
                         agreement=own_label_agreement(candidates), is_train=is_train,
                         metadata={"k": k, "num_classes": c, BUILT_FROM: built_from})
-        built_from = {**built_from, "retrieval": _stamp(paths["neighbours"], n)}
+        built_from = {**built_from, "retrieval": table_stamp(paths["neighbours"])}
         save_checkpoint(out.path(folder / "model.pt"), spec=spec,
                         state_dict=DiffusionClassifier(spec).state_dict(),
                         normalizer=FeatureNormalizer.fit(emb[is_train], "standardize"),

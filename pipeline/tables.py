@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.artifacts import (ROW_GROUP_ROWS, check_intact, embedding_array, fixed_list_array, iter_chunks,
-                                iter_row_groups, list_column_to_numpy, read_schema, read_table,
+                                iter_row_groups, list_column_to_numpy, read_metadata,
+                                read_schema, read_table,
                                 row_group_rows, write_table)
 from pipeline.errors import ArtifactError
 from pipeline.lineage import Ref, ref
@@ -45,6 +46,19 @@ def check_same_samples(a: np.ndarray, b: np.ndarray, what_a: str, what_b: str) -
     if len(a) != len(b) or not np.array_equal(a, b):
         raise ArtifactError(f"{what_a} ({len(a)} rows) and {what_b} ({len(b)} rows) describe "
                             "different samples; rerun the pipeline (`uv run dvc repro`)")
+
+
+def table_stamp(path: str | Path) -> dict[str, Any]:
+    """The lineage stamp of a table written by this module ({fingerprint, rows[, dim]}),
+    for code that assembles artifacts itself (benchmarks, tests) and records what
+    they were built from as `built_from`."""
+    schema = read_schema(path, "table", "the stage that writes it")
+    rows = read_table(path, "table", columns=schema.names[:1])[0].num_rows
+    dim = None
+    if "embedding" in schema.names:
+        dim = schema.field("embedding").type.list_size
+    return ref("", "table", path, "the stage that writes it", read_metadata(schema),
+               rows=rows, dim=dim).stamp()
 
 
 # --------------------------------------------------------------------------- prepared

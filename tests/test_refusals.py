@@ -87,3 +87,17 @@ def test_a_single_class_is_refused(tmp_path, source):
     assert files_under(out) == []
     with pytest.raises(ArtifactError, match="at least two"):
         load_source(DataConfig(source=source, root=root))
+
+
+# --------------------------------------------------------------------------- half-done work
+def test_quickgelu_mismatch_is_refused_before_the_cache_is_created(pipeline_run, tmp_path):
+    """ViT-B-32 + tag openai (trained with QuickGELU) used to be refused only after the
+    embedding cache was set up, leaving .lra-cache/embed/<key>/key.json behind."""
+    params = write_params(tmp_path / "params.yaml", small_params(
+        embed={"encoder": "open_clip", "model": "ViT-B-32", "pretrained": "openai"}))
+    cache, out = tmp_path / "cache", tmp_path / "emb"
+    result = invoke(["embed", "--params", params, "--prepared", pipeline_run.path("samples"),
+                     "--out-dir", out, "--cache-dir", cache, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result.stderr, "embed", "QuickGELU", "ViT-B-32-quickgelu")
+    assert not cache.exists() and not out.exists()

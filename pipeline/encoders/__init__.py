@@ -79,4 +79,7 @@ def build_encoder(cfg: EmbedConfig) -> Encoder:
         return PixelEncoder()
     from pipeline.encoders.clip import OpenClipEncoder
 
-    return OpenClipEncoder(model=cfg.model, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir)
+    encoder = OpenClipEncoder(model=cfg.model, pretrained=cfg.pretrained,
+                              cache_dir=cfg.cache_dir)
+    encoder.check()  # params first: nothing (the embedding cache) is created for bad ones
+    return encoder

@@ -24,13 +24,18 @@ def normalized(x: np.ndarray) -> np.ndarray:
     return out
 
 
+ADD_ROWS = 65_536
+"""Vectors added per `add_with_ids` call (the progress bar's step)."""
+
+
 def build_index(embeddings: np.ndarray, ids: np.ndarray, *, factory: str,
-                seed: int = 0, in_place: bool = False) -> faiss.Index:
+                seed: int = 0, in_place: bool = False, progress: bool = False) -> faiss.Index:
     """Build an inner-product index of the L2-normalised `embeddings` (N, D) float32,
     labelled by `ids` (N,) int64. Trains the index first when the factory needs it
     (IVF, PQ), on all vectors, with a fixed clustering seed. in_place: normalise the
     caller's C-contiguous float32 array itself instead of a copy (one (N, D) array less
-    at the peak; the array is left normalised)."""
+    at the peak; the array is left normalised). progress: a bar over the vectors added
+    (in calls of ADD_ROWS, the same index whatever the bar)."""
     if in_place:
         if embeddings.dtype != np.float32 or not embeddings.flags.c_contiguous:
             raise TypeError("build_index(in_place=True) needs a C-contiguous float32 array")
@@ -53,8 +58,15 @@ def build_index(embeddings: np.ndarray, ids: np.ndarray, *, factory: str,
                 raise ConfigError(f"index.factory: {factory!r} asks for {ivf.nlist} lists but "
                                   f"the train split has only {len(x)} vectors")
         base.train(x)
+    from tqdm.auto import tqdm
+
     index = faiss.IndexIDMap2(base)
-    index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    with tqdm(total=len(x), unit="vec", desc="index", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(x), ADD_ROWS):
+            index.add_with_ids(x[start:start + ADD_ROWS], ids[start:start + ADD_ROWS])
+            bar.update(min(ADD_ROWS, len(x) - start))
     return index
 
 

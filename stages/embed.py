@@ -67,7 +67,7 @@ def embed(params: ParamsOption = Path("params.yaml"),
         dev = distributed.rank_device(resolve_device(device), ctx)
         # Embedding exchanges only small objects and waits at barriers: gloo (CPU).
         with distributed.session(device=dev, backend="gloo") as ctx:
-            set_threads(threads)
+            set_threads(threads, libraries=("torch",))  # no FAISS here
             data = read_prepared(prepared)
             encoder = build_encoder(p.embed)
             runtime = RuntimeOptions(device=dev, batch_size=batch_size, workers=workers,

@@ -20,7 +20,7 @@ def index(params: ParamsOption = Path("params.yaml"),
           progress: ProgressOption = True) -> None:
     """Build the FAISS index (index.factory) over the train split."""
     with stage("index", params) as p:
-        set_threads(threads)
+        set_threads(threads, libraries=("faiss",))  # no torch here
         emb = open_embeddings(embeddings)
         train = emb.rows("train")
         if len(train) == 0:
@@ -28,7 +28,7 @@ def index(params: ParamsOption = Path("params.yaml"),
         # Only the train rows are read, and normalised in place: the peak is those rows
         # plus the index's own copy.
         idx = build_index(emb.read_rows(train), emb.sample_id[train], factory=p.index.factory,
-                          in_place=True)
+                          in_place=True, progress=progress)
         with StageWriter() as out:
             faiss_path = out.path(out_dir / "train.faiss")
             save_index(idx, faiss_path)

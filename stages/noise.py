@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.config import as_dict
@@ -24,7 +25,10 @@ def noise(params: ParamsOption = Path("params.yaml"),
           out_dir: OutDirOption = Path("data/labels"), threads: ThreadsOption = 0,
           progress: ProgressOption = True) -> None:
     """Inject label noise (noise.kind) into the train split; val and test stay clean."""
-    with stage("noise", params) as p:
+    with stage("noise", params) as p, tqdm(total=3, unit="step", desc="noise",
+                                           disable=not progress, dynamic_ncols=True) as bar:
+        # Steps: read the inputs, draw the noisy labels, write (each is one pass).
+        set_threads(threads, libraries=("torch",) if needs_probe(p.noise) else ())
         data = read_prepared(prepared)
         t = data.table
         sample_id = t.column("sample_id").to_numpy()
@@ -35,6 +39,7 @@ def noise(params: ParamsOption = Path("params.yaml"),
         train = np.flatnonzero(split == "train")
         cfg = p.noise
         built_from = {"prepared": data.ref(prepared).stamp()}
+        bar.update()
         if cfg.kind != "none":
             if not data.labels_are_clean:
                 raise ConfigError(f"noise.kind: {cfg.kind!r} injects synthetic noise, but source "
@@ -58,6 +63,7 @@ def noise(params: ParamsOption = Path("params.yaml"),
             observed[train] = make_noisy_labels(clean[train], num_classes=data.num_classes,
                                                 cfg=cfg, probs=probs,
                                                 sample_ids=sample_id[train])
+        bar.update()
         known = clean[train] != UNKNOWN
         rate = (observed_rate(clean[train][known], observed[train][known])
                 if known.any() else None)
@@ -72,3 +78,4 @@ def noise(params: ParamsOption = Path("params.yaml"),
                         "corrupted": None if rate is None else int(
                             (clean[train][known] != observed[train][known]).sum())},
                        out.path(out_dir / "noise.json"))
+        bar.update()

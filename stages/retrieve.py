@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.errors import ArtifactError, ConfigError
@@ -27,7 +28,7 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
              progress: ProgressOption = True) -> None:
     """For every sample, its k nearest train neighbours (never itself) and their labels."""
     with stage("retrieve", params) as p:
-        set_threads(threads)
+        set_threads(threads, libraries=("faiss",))  # no torch here
         k = p.retrieve.k
         emb = open_embeddings(embeddings)
         lab = read_labels(labels)
@@ -50,10 +51,13 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
         # embeddings one chunk at a time.
         n = len(emb.sample_id)
         ids, sims = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float32)
-        for start, chunk in emb.iter_chunks():
-            rows = slice(start, start + len(chunk))
-            ids[rows], sims[rows] = neighbours_excluding_self(idx, chunk, emb.sample_id[rows],
-                                                              k=k)
+        with tqdm(total=n, unit="row", desc="retrieve", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for start, chunk in emb.iter_chunks():
+                rows = slice(start, start + len(chunk))
+                ids[rows], sims[rows] = neighbours_excluding_self(
+                    idx, chunk, emb.sample_id[rows], k=k)
+                bar.update(len(chunk))
         # Sample ids are 0..N-1 row positions in every table, so ids index arrays directly.
         neighbour_labels = lab.observed[ids]  # (N, k)
         is_train = emb.split == "train"

@@ -64,6 +64,15 @@ def parallel_options(*, workers: int = 0, progress: bool = False) -> Iterator[No
         _OPTIONS.update(before)
 
 
+def progress_bar(total: int) -> Any:
+    """A `prepare` progress bar over `total` images, shown under
+    `parallel_options(progress=True)`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="prepare", disable=not _OPTIONS["progress"],
+                dynamic_ncols=True)
+
+
 def worker_count() -> int:
     """Processes for parallel image work: `parallel_options(workers=N)` when N > 0, else
     the usable CPUs, at most MAX_WORKERS."""
@@ -88,14 +97,11 @@ def _chunk_bounds(n: int, workers: int) -> list[tuple[int, int]]:
 def parallel_chunks(fn: Callable[[Any], list], items: Any, n: int) -> list:
     """Apply `fn` to ordered chunks `items[start:stop]` in worker processes; results are
     concatenated in input order. `fn` must be a module-level function (picklable)."""
-    from tqdm.auto import tqdm
-
     workers = worker_count()
     bounds = _chunk_bounds(n, workers)
     chunks = [items[a:b] for a, b in bounds]
     parts = []
-    with tqdm(total=n, unit="img", desc="prepare", disable=not _OPTIONS["progress"],
-              dynamic_ncols=True) as bar, contextlib.ExitStack() as stack:
+    with progress_bar(n) as bar, contextlib.ExitStack() as stack:
         if workers == 1 or len(chunks) <= 1:
             results: Iterator[list] = map(fn, chunks)
         else:

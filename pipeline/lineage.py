@@ -27,6 +27,7 @@ from pipeline.errors import ArtifactError
 FINGERPRINT = "fingerprint"
 BUILT_FROM = "built_from"
 DIGITS = 16
+WHAT = {"prepared": "prepared table", "retrieval": "retrieval table", "index": "FAISS index"}
 
 
 def _type_name(t: pa.DataType) -> str:
@@ -127,10 +128,11 @@ def ref(name: str, what: str, path: str | Path, stage: str, meta: dict[str, Any]
 
 
 def _describe(stamp: dict[str, Any]) -> str:
+    """"<fingerprint> (N rows, dimension D)"."""
     extra = [f"{stamp['rows']} rows" if "rows" in stamp else "",
              f"dimension {stamp['dim']}" if "dim" in stamp else ""]
     shown = ", ".join(e for e in extra if e)
-    return f"{stamp.get(FINGERPRINT)}" + (f": {shown}" if shown else "")
+    return f"{stamp.get(FINGERPRINT)}" + (f" ({shown})" if shown else "")
 
 
 def check_built_from(consumer: Ref, *inputs: Ref) -> None:
@@ -145,9 +147,9 @@ def check_built_from(consumer: Ref, *inputs: Ref) -> None:
                                 f"recorded); rerun `{consumer.stage}`")
         if recorded.get(FINGERPRINT) != current[FINGERPRINT]:
             raise ArtifactError(
-                f"{consumer.what} at {consumer.path} was built from other {inp.name} "
-                f"({_describe(recorded)}) than {inp.path} ({_describe(current)}); rerun "
-                f"`{consumer.stage}` (or `uv run dvc repro`)")
+                f"{consumer.what} at {consumer.path} was built from {inp.what} "
+                f"{_describe(recorded)}, not from {inp.path}, which is "
+                f"{_describe(current)}; rerun `{consumer.stage}` (or `uv run dvc repro`)")
 
 
 def check_same_origin(a: Ref, b: Ref) -> None:
@@ -159,4 +161,5 @@ def check_same_origin(a: Ref, b: Ref) -> None:
         if fa != fb:
             raise ArtifactError(
                 f"{a.what} at {a.path} and {b.what} at {b.path} were built from "
-                f"different {name} ({fa} vs {fb}); rerun `{b.stage}` (or `uv run dvc repro`)")
+                f"different {WHAT.get(name, name)}s ({fa} vs {fb}); rerun `{a.stage}` or "
+                f"`{b.stage}`, whichever is stale (or `uv run dvc repro`)")

@@ -23,9 +23,9 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts import (ROW_GROUP_ROWS, check_intact, embedding_array, fixed_list_array, iter_chunks,
-                                iter_row_groups, list_column_to_numpy, read_metadata,
-                                read_schema, read_table,
+from pipeline.artifacts import (ROW_GROUP_ROWS, check_intact, embedding_array,
+                                fixed_list_array, iter_chunks, iter_row_groups,
+                                list_column_to_numpy, read_metadata, read_schema, read_table,
                                 row_group_rows, write_table)
 from pipeline.errors import ArtifactError
 from pipeline.lineage import Ref, ref

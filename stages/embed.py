@@ -69,6 +69,7 @@ def embed(params: ParamsOption = Path("params.yaml"),
         with distributed.session(device=dev, backend="gloo") as ctx:
             set_threads(threads, libraries=("torch",))  # no FAISS here
             data = read_prepared(prepared)
+            built_from = {"prepared": data.ref(prepared).stamp()}  # fails now, not after
             encoder = build_encoder(p.embed)
             runtime = RuntimeOptions(device=dev, batch_size=batch_size, workers=workers,
                                      progress=progress and ctx.is_main)
@@ -79,8 +80,8 @@ def embed(params: ParamsOption = Path("params.yaml"),
                 if not np.isfinite(vectors).all():
                     raise ArtifactError("the encoder produced NaN or infinite embeddings; "
                                         "nothing was written")
-                write_embeddings(out_dir / "embeddings.parquet", sample_id=data.table.column("sample_id").to_numpy(),
+                write_embeddings(out_dir / "embeddings.parquet",
+                                 sample_id=data.table.column("sample_id").to_numpy(),
                                  split=data.table.column("split").to_pylist(), vectors=vectors,
-                                 provenance={**result.provenance, BUILT_FROM: {
-                                     "prepared": data.ref(prepared).stamp()}})
+                                 provenance={**result.provenance, BUILT_FROM: built_from})
             release(result, ctx, keep=keep_cache)

@@ -22,6 +22,7 @@ def index(params: ParamsOption = Path("params.yaml"),
     with stage("index", params) as p:
         set_threads(threads, libraries=("faiss",))  # no torch here
         emb = open_embeddings(embeddings)
+        built_from = {"embeddings": emb.ref().stamp()}
         train = emb.rows("train")
         if len(train) == 0:
             raise ArtifactError(f"embeddings at {embeddings} have no train-split rows")
@@ -36,5 +37,5 @@ def index(params: ParamsOption = Path("params.yaml"),
                         "dim": emb.dim, "vectors": int(idx.ntotal),
                         "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model"),
                         FINGERPRINT: file_fingerprint(faiss_path),
-                        BUILT_FROM: {"embeddings": emb.ref().stamp()}},
+                        BUILT_FROM: built_from},
                        out.path(out_dir / "index.json"))

@@ -38,6 +38,8 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
                                 rows=info.get("vectors"), dim=info.get("dim"))
         lineage.check_built_from(index_ref, emb.ref())
         lineage.check_same_origin(emb.ref(), lab.ref(labels))
+        built_from = {"index": index_ref.stamp(), "embeddings": emb.ref().stamp(),
+                      "labels": lab.ref(labels).stamp()}
         n_train = int((emb.split == "train").sum())
         if idx.ntotal != n_train:
             # A stale index is a mismatched artifact (exit 1), not a params error.
@@ -85,8 +87,5 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
                             distribution=distribution, agreement=agreement, is_train=is_train,
                             metadata={"k": k, "num_classes": lab.num_classes,
                                       "distance": "cosine (1 - cos similarity)",
-                                      lineage.BUILT_FROM: {
-                                          "index": index_ref.stamp(),
-                                          "embeddings": emb.ref().stamp(),
-                                          "labels": lab.ref(labels).stamp()}})
+                                      lineage.BUILT_FROM: built_from})
             write_json(summary, out.path(out_dir / "retrieval.json"))

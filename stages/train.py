@@ -86,6 +86,7 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
     check_same_samples(emb.sample_id, ret_ids, "embeddings", "retrieval table")
     inputs = (emb.ref(), lab.ref(labels), ret_ref)
     check_built_from(ret_ref, *inputs[:2])
+    built_from = {r.name: r.stamp() for r in inputs}  # before training: fails fast
     train_rows, val_rows = emb.rows("train"), emb.rows("val")
     if len(val_rows) == 0:
         raise ArtifactError("no validation split: model selection needs one "
@@ -109,7 +110,7 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
     info = {**result.best, "train_config": as_dict(p.train), "k": candidates.shape[1] - 1,
             "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model"),
             "val_labels": "clean" if (lab.clean[val_rows] != UNKNOWN).all() else "observed",
-            BUILT_FROM: {r.name: r.stamp() for r in inputs}}
+            BUILT_FROM: built_from}
     with StageWriter() as out:
         save_checkpoint(out.path(out_dir / "model.pt"), spec=result.spec,
                         state_dict=result.state_dict, normalizer=norm,

@@ -35,7 +35,8 @@ def test_train_on_embeddings_of_another_width_is_refused(run_copy):
     """32-d embeddings with neighbours retrieved from a 64-d index: used to train, exit 0."""
     rewrite_embeddings_random(run_copy, dim=32, seed=0)
     _refused(run_copy, "train", str(run_copy.path("neighbours")),
-             str(run_copy.path("embeddings")), "dimension 64", "dimension 32", "rerun `lra retrieve`")
+             str(run_copy.path("embeddings")), "dimension 64", "dimension 32",
+             "rerun `lra retrieve`")
 
 
 def test_retrieve_with_an_index_of_other_embeddings_is_refused(run_copy):
@@ -51,12 +52,31 @@ def test_labels_of_another_noise_run_are_refused_downstream(run_copy, tmp_path):
                                                               "seed": 1}})
     result = invoke(stage_args("noise", run_copy.root, params))
     assert result.exit_code == 0, result.output
-    _refused(run_copy, "train", str(run_copy.path("labels")), "other labels",
+    _refused(run_copy, "train", str(run_copy.path("labels")), "was built from labels",
              "rerun `lra retrieve`")
-    _refused(run_copy, "evaluate", "other labels", "rerun `lra retrieve`")
+    _refused(run_copy, "evaluate", "was built from labels", "rerun `lra retrieve`")
     result = invoke(stage_args("retrieve", run_copy.root, params))
     assert result.exit_code == 0, result.output
     _refused(run_copy, "evaluate", str(run_copy.path("model")), "rerun `lra train`")
+
+
+def test_tables_of_another_prepared_table_are_refused(run_copy, tmp_path):
+    """A new prepared table (another split seed: the same sample ids, other splits) next
+    to the old embeddings: noise (PMD reads both) and retrieve (embeddings from the old
+    one, labels from the new one) refuse."""
+    params = write_params(tmp_path / "seed1.yaml", {
+        **run_copy.params, "data": {**run_copy.params["data"], "seed": 1},
+        "noise": {**run_copy.params["noise"], "kind": "pmd"}})
+    result = invoke(stage_args("prepare", run_copy.root, params))
+    assert result.exit_code == 0, result.output
+    _refused(run_copy, "noise", str(run_copy.path("embeddings")), "was built from prepared table",
+             "rerun `lra embed`", params=params)
+    symmetric = write_params(tmp_path / "sym.yaml", {
+        **run_copy.params, "data": {**run_copy.params["data"], "seed": 1}})
+    result = invoke(stage_args("noise", run_copy.root, symmetric))
+    assert result.exit_code == 0, result.output
+    _refused(run_copy, "retrieve", "different prepared tables", "`lra embed` or `lra noise`",
+             params=symmetric)
 
 
 def test_artifact_without_lineage_is_refused(run_copy):

@@ -344,6 +344,8 @@ def check_names(model: str, pretrained: str | None) -> None:
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if cfg:
         _check_activation(model, name, pretrained, cfg)
+    elif not os.path.isfile(pretrained):
+        _check_pretrained_file_or_tag(name, pretrained)
 
 
 def _resolve(model: str, pretrained: str | None, cache_dir: str | None) -> _Source:
@@ -374,6 +376,14 @@ def _resolve(model: str, pretrained: str | None, cache_dir: str | None) -> _Sour
                        trusted_archive=trusted)
     if os.path.isfile(pretrained):
         return _Source(name, pretrained)
+    _check_pretrained_file_or_tag(name, pretrained)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_pretrained_file_or_tag(name: str, pretrained: str) -> None:
+    """`pretrained` is neither a known tag nor an existing file: say which was meant."""
+    import open_clip
+
     if os.sep in pretrained or "/" in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES):
         raise ArtifactError(f"embed.pretrained: checkpoint file {pretrained} not found "
                             f"(cwd {os.getcwd()})")

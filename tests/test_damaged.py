@@ -49,3 +49,20 @@ def test_damaged_artifact_is_one_line_and_nothing_written(run_copy, artifact, st
     assert hashes(run_copy.root, outputs) == before
     for name in STAGE_OUTS[stage]:
         assert temp_leftovers(run_copy.path(name).parent) == []
+
+
+def test_damaged_noise_file_is_one_line(run_copy, tmp_path):
+    """noise.file is the user's input, not an artifact, but a damaged one is also refused
+    with one line (garbage bytes used to raise UnicodeDecodeError from the CSV reader)."""
+    from conftest import write_params
+
+    bad = tmp_path / "noisy.csv"
+    bad.write_bytes(b"sample_id,label\n" + bytes(range(128, 256)) * 4)
+    params = write_params(tmp_path / "p.yaml", {**run_copy.params, "noise": {
+        **run_copy.params["noise"], "kind": "file", "file": str(bad)}})
+    outputs = [ARTIFACTS[name] for name in STAGE_OUTS["noise"]]
+    before = hashes(run_copy.root, outputs)
+    result = invoke(stage_args("noise", run_copy.root, params))
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert_one_line_error(result.stderr, "noise", str(bad))
+    assert hashes(run_copy.root, outputs) == before

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline import lineage
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline import lineage
 from pipeline.index import apply_search_params, load_index_with_info
 from pipeline.retrieval import (candidate_labels, label_distribution,
                                 neighbours_excluding_self, own_label_agreement)

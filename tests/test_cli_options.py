@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import re
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 import typer
-from conftest import (ARTIFACTS, STAGES, VENV_BIN, invoke, run, small_params, stage_args,
-                      write_params)
+from conftest import STAGES, VENV_BIN, invoke, run, small_params, stage_args, write_params
 
 from stages.cli import app
 
@@ -114,9 +112,7 @@ def test_progress_bar_ends_at_100_percent(run_copy, stage, total):
 def test_stage_stderr_has_only_its_own_lines(pipeline_run, tmp_path):
     """With LRA_THREADS set, FAISS is imported after logging is set up: its loader's INFO
     lines ("Could not load library with AVX512 support ...") are not shown."""
-    proc = run([str(VENV_BIN / "lra"), *stage_args("train", pipeline_run.root,
-                                                    pipeline_run.params_path)[:1],
-                "--params", str(pipeline_run.params_path),
+    proc = run([str(VENV_BIN / "lra"), "train", "--params", str(pipeline_run.params_path),
                 "--embeddings", str(pipeline_run.path("embeddings")),
                 "--labels", str(pipeline_run.path("labels")),
                 "--retrieval", str(pipeline_run.path("neighbours")),
@@ -126,5 +122,4 @@ def test_stage_stderr_has_only_its_own_lines(pipeline_run, tmp_path):
     assert lines and all(line.startswith("lra train: ") for line in lines), proc.stderr
     assert not re.search(r"(?i)faiss|AVX", proc.stderr)
     assert (tmp_path / "model" / "model.pt").read_bytes() == \
-        Path(pipeline_run.path("model")).read_bytes()
-    assert ARTIFACTS["model"].endswith("model.pt")
+        pipeline_run.path("model").read_bytes()

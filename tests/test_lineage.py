@@ -9,7 +9,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import assert_one_line_error, hashes, invoke, stage_args, write_params
-from test_cli import STAGE_OUTS, clear_outputs, rewrite_embeddings_random
+from test_cli import STAGE_OUTS, rewrite_embeddings_random
 
 from pipeline.artifacts import read_metadata
 from pipeline.lineage import table_fingerprint

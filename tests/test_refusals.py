@@ -4,8 +4,6 @@ artifacts built from other inputs: test_lineage.py."""
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import pytest
 from conftest import assert_one_line_error, files_under, invoke, small_params, write_params

@@ -4,7 +4,6 @@ artifacts built from other inputs: test_lineage.py."""
 
 from __future__ import annotations
 
-
 import pytest
 from conftest import assert_one_line_error, files_under, invoke, small_params, write_params
 from fixtures_datasets import make_imagefolder, make_manifest

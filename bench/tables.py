@@ -41,7 +41,8 @@ def materialise(data_dir: str | Path, *, rows: int, scale: dict) -> Path:
     from pipeline.lineage import BUILT_FROM
     from pipeline.model import DiffusionClassifier, ModelSpec
     from pipeline.retrieval import label_distribution, own_label_agreement
-    from pipeline.tables import table_stamp, write_embeddings, write_labels, write_retrieval
+    from pipeline.neighbours import write_retrieval
+    from pipeline.tables import table_stamp, write_embeddings, write_labels
 
     folder = Path(data_dir) / f"tables-v{VERSION}-{rows}-h{scale['hidden']}"
     if (folder / "params.yaml").exists():

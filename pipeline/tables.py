@@ -6,10 +6,7 @@ make a mismatched or corrupt upstream artifact fail early and clearly.
                 sample_id int64, split string, embedding fixed_size_list<float32>[D]
     labels      data/labels/labels.parquet
                 sample_id, split, clean_label int64?, observed_label int64, is_corrupted bool?
-    retrieval   data/retrieval/neighbours.parquet
-                sample_id, split, neighbour_ids [k] int64, distances [k] float32,
-                neighbour_labels [k] int64, candidate_labels [k+1] int64? (train only),
-                label_distribution [C] float32, own_label_agreement float32? (train only)
+    retrieval   data/retrieval/neighbours.parquet: `pipeline.neighbours`
 All tables are sorted by sample_id; the readers check that tables that must describe the
 same samples do.
 """
@@ -23,9 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts import (ROW_GROUP_ROWS, check_intact, embedding_array,
-                                fixed_list_array, iter_chunks, iter_row_groups,
-                                list_column_to_numpy, read_metadata, read_schema, read_table,
+from pipeline.artifacts import (ROW_GROUP_ROWS, embedding_array, iter_chunks,
+                                iter_row_groups, list_column_to_numpy, read_metadata, read_schema, read_table,
                                 row_group_rows, write_table)
 from pipeline.errors import ArtifactError
 from pipeline.lineage import Ref, ref
@@ -37,7 +33,8 @@ UNKNOWN = -1
 PREPARE, EMBED, NOISE, RETRIEVE = "lra prepare", "lra embed", "lra noise", "lra retrieve"
 
 
-def _split(table: pa.Table) -> np.ndarray:
+def split_column(table: pa.Table) -> np.ndarray:
+    """The split column as an (N,) object array."""
     return np.asarray(table.column("split").to_pylist(), dtype=object)
 
 
@@ -208,7 +205,7 @@ def open_embeddings(path: str | Path) -> EmbeddingsFile:
         # Later stages index arrays by sample id: ids must be the row positions.
         raise ArtifactError(f"embeddings at {path}: sample_id must be 0..N-1 in row order; "
                             "rerun `lra prepare` and `lra embed`")
-    return EmbeddingsFile(Path(path), sample_id, _split(table), col_type.list_size, meta)
+    return EmbeddingsFile(Path(path), sample_id, split_column(table), col_type.list_size, meta)
 
 
 def read_embeddings(path: str | Path) -> Embeddings:
@@ -259,135 +256,5 @@ def read_labels(path: str | Path) -> Labels:
         if bad.any():
             raise ArtifactError(f"labels at {path}: {int(bad.sum())} {name} value(s) outside "
                                 f"[0, {c}), e.g. {int(arr[bad][0])}")
-    return Labels(table.column("sample_id").to_numpy(), _split(table), clean, observed, c, meta)
-
-
-# --------------------------------------------------------------------------- retrieval
-@dataclass(frozen=True)
-class Retrieval:
-    """neighbour_ids, neighbour_labels: (N, k) int64; distances: (N, k) float32;
-    candidates: (N, k + 1) int64, rows of non-train samples filled with UNKNOWN."""
-
-    sample_id: np.ndarray
-    split: np.ndarray
-    neighbour_ids: np.ndarray
-    distances: np.ndarray
-    neighbour_labels: np.ndarray
-    candidates: np.ndarray
-    meta: dict[str, Any]
-
-    @property
-    def k(self) -> int:
-        return self.neighbour_ids.shape[1]
-
-
-def write_retrieval(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
-                    neighbour_ids: np.ndarray, distances: np.ndarray,
-                    neighbour_labels: np.ndarray, candidates: np.ndarray,
-                    distribution: np.ndarray, agreement: np.ndarray, is_train: np.ndarray,
-                    metadata: dict[str, Any]) -> None:
-    not_train = pa.array(~is_train)
-    candidate_col = pa.FixedSizeListArray.from_arrays(
-        pa.array(candidates.reshape(-1), type=pa.int64()), candidates.shape[1], mask=not_train)
-    table = pa.table({
-        "sample_id": pa.array(sample_id, type=pa.int64()),
-        "split": pa.array(list(split), type=pa.string()),
-        "neighbour_ids": fixed_list_array(neighbour_ids, pa.int64()),
-        "distances": fixed_list_array(distances, pa.float32()),
-        "neighbour_labels": fixed_list_array(neighbour_labels, pa.int64()),
-        "candidate_labels": candidate_col,
-        "label_distribution": fixed_list_array(distribution, pa.float32()),
-        "own_label_agreement": pa.array(agreement, type=pa.float32(), mask=~is_train),
-    })
-    write_table(table, path, metadata=metadata,
-                row_group_rows=row_group_rows(table.nbytes // max(len(table), 1)),
-                fingerprint=True)
-
-
-@dataclass(frozen=True)
-class NeighbourChunks:
-    """A retrieval table opened for streaming the neighbours' labels and distances, which
-    is all evaluation needs: sample_id (N,) int64 now, the (b, k) columns chunk by chunk."""
-
-    path: Path
-    sample_id: np.ndarray
-    meta: dict[str, Any]
-
-    def ref(self) -> Ref:
-        return retrieval_ref(self.path, self.meta, len(self.sample_id))
-
-    def iter_chunks(self, chunk_rows: int = ROW_GROUP_ROWS
-                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Yield (first row, neighbour_labels (b, k) int64, distances (b, k) float32)."""
-        start = 0
-        for table in iter_chunks(self.path, ["neighbour_labels", "distances"], chunk_rows,
-                                 what="retrieval table", rebuild=RETRIEVE):
-            labels = list_column_to_numpy(table.column(0), np.int64)
-            yield start, labels, list_column_to_numpy(table.column(1), np.float32)
-            start += len(labels)
-
-
-def open_neighbours(path: str | Path) -> NeighbourChunks:
-    table, meta = read_table(path, "retrieval table", columns=("sample_id",), required=(
-        "sample_id", "neighbour_labels", "distances"), rebuild=RETRIEVE)
-    _check_rest(path, ("sample_id", "neighbour_labels", "distances"))
-    return NeighbourChunks(Path(path), table.column("sample_id").to_numpy(), meta)
-
-
-RETRIEVAL_COLUMNS = ("sample_id", "split", "neighbour_ids", "distances", "neighbour_labels",
-                     "candidate_labels")
-
-
-def _candidates(column: pa.ChunkedArray) -> np.ndarray:
-    """candidate_labels column -> (N, k + 1) int64, UNKNOWN on null (non-train) rows."""
-    col = column.combine_chunks()
-    width = col.type.list_size
-    candidates = np.full((len(col), width), UNKNOWN, dtype=np.int64)
-    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False))
-    # Null rows still occupy their slots in the flat values buffer.
-    flat = col.values.to_numpy(zero_copy_only=False)
-    flat = flat[col.offset * width:(col.offset + len(col)) * width]
-    candidates[valid] = flat.reshape(-1, width)[valid]
-    return candidates
-
-
-def read_retrieval(path: str | Path) -> Retrieval:
-    """The columns `Retrieval` holds (not the label distributions, which stages recompute
-    or do not need)."""
-    table, meta = read_table(path, "retrieval table", columns=RETRIEVAL_COLUMNS,
-                             required=RETRIEVAL_COLUMNS, rebuild=RETRIEVE)
-    return Retrieval(
-        sample_id=table.column("sample_id").to_numpy(), split=_split(table),
-        neighbour_ids=list_column_to_numpy(table.column("neighbour_ids"), np.int64),
-        distances=list_column_to_numpy(table.column("distances"), np.float32),
-        neighbour_labels=list_column_to_numpy(table.column("neighbour_labels"), np.int64),
-        candidates=_candidates(table.column("candidate_labels")), meta=meta)
-
-
-def read_candidates(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """What training needs of the retrieval table: (sample_id (N,) int64, candidates
-    (N, k + 1) int64 with UNKNOWN on non-train rows), reading only those two columns."""
-    ids, candidates, _ = read_candidates_meta(path)
-    return ids, candidates
-
-
-def read_candidates_meta(path: str | Path) -> tuple[np.ndarray, np.ndarray, Ref]:
-    """`read_candidates` and the table's lineage `Ref`."""
-    table, meta = read_table(path, "retrieval table", columns=("sample_id", "candidate_labels"),
-                             required=RETRIEVAL_COLUMNS, rebuild=RETRIEVE)
-    _check_rest(path, ("sample_id", "candidate_labels"))
-    ids = table.column("sample_id").to_numpy()
-    return ids, _candidates(table.column("candidate_labels")), retrieval_ref(path, meta,
-                                                                             len(ids))
-
-
-def _check_rest(path: str | Path, read: tuple[str, ...]) -> None:
-    """Verify the retrieval table's columns that the caller does not read (a damaged
-    page anywhere is refused)."""
-    names = read_schema(path, "retrieval table", RETRIEVE).names
-    check_intact(path, [n for n in names if n not in read], what="retrieval table",
-                 rebuild=RETRIEVE)
-
-
-def retrieval_ref(path: str | Path, meta: dict[str, Any], rows: int) -> Ref:
-    return ref("retrieval", "retrieval table", path, RETRIEVE, meta, rows=rows)
+    return Labels(table.column("sample_id").to_numpy(), split_column(table), clean, observed,
+                  c, meta)

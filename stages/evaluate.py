@@ -26,8 +26,9 @@ from pipeline.lineage import check_built_from, ref
 from pipeline.linear import LinearProbe, fit_linear
 from pipeline.metrics import evaluation_metrics
 from pipeline.retrieval import knn_vote
+from pipeline.neighbours import open_neighbours
 from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
-                             open_embeddings, open_neighbours, read_labels)
+                             open_embeddings, read_labels)
 from stages.app import (DeviceOption, EmbeddingsOption, LabelsOption, ModelOption,
                         OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
                         ThreadsOption, app, resolve_device, set_threads, stage)

@@ -13,8 +13,8 @@ from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import apply_search_params, load_index_with_info
 from pipeline.retrieval import (candidate_labels, label_distribution,
                                 neighbours_excluding_self, own_label_agreement)
-from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_labels,
-                             write_retrieval)
+from pipeline.neighbours import write_retrieval
+from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
 from stages.app import (EmbeddingsOption, IndexOption, LabelsOption, OutDirOption,
                         ParamsOption, ProgressOption, ThreadsOption, app, set_threads, stage)
 

@@ -22,8 +22,8 @@ from pipeline.errors import ArtifactError
 from pipeline.features import FeatureNormalizer
 from pipeline.model import ModelSpec
 from pipeline.lineage import BUILT_FROM, check_built_from
-from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings,
-                             read_candidates_meta, read_labels)
+from pipeline.neighbours import read_candidates_meta
+from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
 from pipeline.training import TrainData, train_diffusion
 from stages.app import (DeviceOption, EmbeddingsOption, LabelsOption, NprocOption,
                         OutDirOption, ParamsOption, ProgressOption, RetrievalOption,

@@ -504,7 +504,8 @@ def test_failed_stage_leaves_other_artifacts_untouched(run_copy, tmp_path):
 
 def test_outputs_are_readable_by_stage_readers(pipeline_run):
     """What one stage publishes, the next one's reader accepts (schema round trip)."""
-    from pipeline.tables import read_embeddings, read_labels, read_retrieval
+    from pipeline.neighbours import read_retrieval
+    from pipeline.tables import read_embeddings, read_labels
 
     emb = read_embeddings(pipeline_run.path("embeddings"))
     lab = read_labels(pipeline_run.path("labels"))

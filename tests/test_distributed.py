@@ -33,7 +33,8 @@ from pipeline.distributed import DistContext, GlobalBatchNorm1d, convert_batchno
 from pipeline.errors import ConfigError
 from pipeline.images import encode_png
 from pipeline.sources import make_table
-from pipeline.tables import UNKNOWN, table_stamp, write_embeddings, write_labels, write_retrieval
+from pipeline.neighbours import write_retrieval
+from pipeline.tables import UNKNOWN, table_stamp, write_embeddings, write_labels
 from stages.app import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -397,7 +398,8 @@ def _train_rank(rank: int, inputs: dict[str, Path], out: str) -> None:
 
 
 def _train_data(inputs: dict[str, Path]):
-    from pipeline.tables import read_embeddings, read_labels, read_retrieval
+    from pipeline.neighbours import read_retrieval
+    from pipeline.tables import read_embeddings, read_labels
     from pipeline.training import TrainData
 
     emb, lab = read_embeddings(inputs["embeddings"]), read_labels(inputs["labels"])

@@ -13,9 +13,9 @@ from pipeline.errors import ArtifactError
 from pipeline.images import encode_png
 from pipeline.sources import make_table
 from pipeline.lineage import table_fingerprint
-from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_candidates,
-                             read_embeddings, read_labels, read_prepared, read_retrieval, write_embeddings,
-                             write_labels, write_retrieval)
+from pipeline.neighbours import read_candidates, read_retrieval, write_retrieval
+from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_embeddings,
+                             read_labels, read_prepared, write_embeddings, write_labels)
 
 SPLIT = np.array(["train", "train", "val", "train", "test", "train"], dtype=object)
 

@@ -76,14 +76,14 @@ def test_prepare_honours_workers(tmp_path, monkeypatch):
     whatever was asked); the output does not depend on it."""
     from fixtures_datasets import make_imagefolder
 
-    from pipeline.sources import common
+    from pipeline.sources import parallel
 
     root = make_imagefolder(tmp_path, layout="flat")["root"]
     params = write_params(tmp_path / "params.yaml",
                           small_params(data={"source": "imagefolder", "root": str(root)}))
     seen = []
-    real = common.worker_count
-    monkeypatch.setattr(common, "worker_count", lambda: seen.append(real()) or seen[-1])
+    real = parallel.worker_count
+    monkeypatch.setattr(parallel, "worker_count", lambda: seen.append(real()) or seen[-1])
     outs = []
     for workers, env in (("1", None), (None, {"LRA_WORKERS": "2"})):
         out = tmp_path / f"p{len(outs)}"

@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.config import DataConfig
 from pipeline.images import encode_png
 from pipeline.sources import PreparedDataset, make_table
-from pipeline.sources.common import progress_bar
+from pipeline.sources.parallel import progress_bar
 from pipeline.splits import stratified_split
 
 

@@ -65,6 +65,9 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu"
         raise _damaged(path, f"torch.load failed: {type(exc).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not an {FORMAT} checkpoint; rerun `lra train`")
+    if "digest" not in payload:
+        raise ArtifactError(f"model checkpoint at {path} carries no digest (written before "
+                            "they were recorded); `lra train` rebuilds it")
     try:
         intact = payload.get("digest") == _digest(payload)
     except Exception:  # noqa: BLE001 - a payload of the wrong shapes

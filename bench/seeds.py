@@ -34,10 +34,12 @@ def run_seed(seed: int, params: dict, data: Path, work: Path, threads: int = 0) 
     pfile.write_text(yaml.safe_dump(cfg))
     started = time.perf_counter()
     noise(params=pfile, prepared=data / "prepared/samples.parquet",
-          embeddings=data / "embeddings/embeddings.parquet", out_dir=work / "labels")
-    retrieve(params=pfile, index_path=data / "index/train.faiss",
+          embeddings=data / "embeddings/embeddings.parquet", out_dir=work / "labels",
+          threads=threads, progress=False)
+    retrieve(params=pfile, index=data / "index/train.faiss",
              embeddings=data / "embeddings/embeddings.parquet",
-             labels=work / "labels/labels.parquet", out_dir=work / "retrieval", threads=threads)
+             labels=work / "labels/labels.parquet", out_dir=work / "retrieval", threads=threads,
+             progress=False)
     train(params=pfile, embeddings=data / "embeddings/embeddings.parquet",
           labels=work / "labels/labels.parquet", retrieval=work / "retrieval/neighbours.parquet",
           out_dir=work / "model", device="auto", threads=threads, progress=False)

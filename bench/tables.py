@@ -23,7 +23,7 @@ import yaml
 from bench import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-VERSION = 3  # bump when the tables change
+VERSION = 4  # bump when the tables change
 
 
 def val_rows(rows: int) -> int:
@@ -38,9 +38,11 @@ def materialise(data_dir: str | Path, *, rows: int, scale: dict) -> Path:
     from pipeline.artifacts import StageWriter
     from pipeline.checkpoint import save_checkpoint
     from pipeline.features import FeatureNormalizer
+    from pipeline.lineage import BUILT_FROM
     from pipeline.model import DiffusionClassifier, ModelSpec
     from pipeline.retrieval import label_distribution, own_label_agreement
-    from pipeline.tables import write_embeddings, write_labels, write_retrieval
+    from pipeline.neighbours import write_retrieval
+    from pipeline.tables import table_stamp, write_embeddings, write_labels
 
     folder = Path(data_dir) / f"tables-v{VERSION}-{rows}-h{scale['hidden']}"
     if (folder / "params.yaml").exists():
@@ -58,23 +60,28 @@ def materialise(data_dir: str | Path, *, rows: int, scale: dict) -> Path:
     spec = ModelSpec(num_classes=c, feature_dim_in=emb.shape[1], hidden=scale["hidden"],
                      timesteps=params["train"]["timesteps"])
     with StageWriter() as out:
-        write_embeddings(out.path(folder / "embeddings.parquet"), sample_id=ids, split=split,
+        paths = {name: out.path(folder / f"{name}.parquet")
+                 for name in ("embeddings", "labels", "neighbours")}
+        write_embeddings(paths["embeddings"], sample_id=ids, split=split,
                          vectors=emb, provenance={"encoder": "synthetic"})
-        write_labels(out.path(folder / "labels.parquet"), sample_id=ids, split=split,
+        write_labels(paths["labels"], sample_id=ids, split=split,
                      clean=arrays["clean"], observed=arrays["observed"],
                      metadata={"num_classes": c, "class_names": [str(i) for i in range(c)]})
-        write_retrieval(out.path(folder / "neighbours.parquet"), sample_id=ids, split=split,
+        built_from = {"embeddings": table_stamp(paths["embeddings"]),
+                      "labels": table_stamp(paths["labels"])}
+        write_retrieval(paths["neighbours"], sample_id=ids, split=split,
                         neighbour_ids=rng.integers(0, n, (n, k)),
                         distances=rng.random((n, k), dtype=np.float32),
                         neighbour_labels=candidates[:, 1:], candidates=candidates,
                         distribution=label_distribution(candidates, c),
                         agreement=own_label_agreement(candidates), is_train=is_train,
-                        metadata={"k": k, "num_classes": c})
+                        metadata={"k": k, "num_classes": c, BUILT_FROM: built_from})
+        built_from = {**built_from, "retrieval": table_stamp(paths["neighbours"])}
         save_checkpoint(out.path(folder / "model.pt"), spec=spec,
                         state_dict=DiffusionClassifier(spec).state_dict(),
                         normalizer=FeatureNormalizer.fit(emb[is_train], "standardize"),
                         ddim_steps=10, readout="argmax",
                         info={"epoch": 0, "weights": "raw", "readout": "argmax",
-                              "val_accuracy": 0.0})
+                              "val_accuracy": 0.0, BUILT_FROM: built_from})
         (out.path(folder / "params.yaml")).write_text(yaml.safe_dump(params, sort_keys=False))
     return folder

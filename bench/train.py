@@ -43,7 +43,8 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     from pipeline.diffusion import alphas_cumprod, antithetic_timesteps, cosine_betas, q_sample
     from pipeline.features import FeatureNormalizer
     from pipeline.model import DiffusionClassifier, ModelSpec
-    from pipeline.tables import open_embeddings, read_candidates, read_labels
+    from pipeline.neighbours import read_candidates
+    from pipeline.tables import open_embeddings, read_labels
     from pipeline.training import TrainData, draw_targets, train_diffusion
 
     folder = tables.materialise(data_dir, rows=scale["n"], scale=scale)

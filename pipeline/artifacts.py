@@ -1,4 +1,6 @@
 """All artifact I/O: Parquet tables, JSON metrics, CSV plots, FAISS indexes, checkpoints.
+(Reading back, with the damaged-file checks, lives in `pipeline.reading`; its helpers are
+re-exported here.)
 
 Every write is atomic: data goes to a temporary file beside the target and is renamed
 into place only when complete, so an interrupted stage never leaves a partial artifact.
@@ -25,6 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ArtifactError
+from pipeline.reading import (READ_ERRORS, check_intact, damaged, iter_chunks,  # noqa: F401
+                              iter_row_groups, read_json, read_metadata, read_schema,
+                              read_table, reading, require)
 
 ROW_GROUP_ROWS = 65_536
 """Rows per Parquet row group (at most): later stages can stream a table group by group."""
@@ -105,15 +110,6 @@ class StageWriter:
                 tmp.unlink(missing_ok=True)
 
 
-def require(path: str | Path, what: str) -> Path:
-    """Fail with a clear message when an upstream artifact is missing."""
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"missing {what}: {path} (run the upstream stage first, "
-                            "e.g. `uv run dvc repro`)")
-    return path
-
-
 # --------------------------------------------------------------------------- Parquet
 def embedding_array(matrix: np.ndarray) -> pa.FixedSizeListArray:
     """(N, D) float32 -> fixed_size_list<float32>[D] without copying row by row."""
@@ -152,13 +148,21 @@ def _with_metadata(schema: pa.Schema, metadata: dict[str, Any] | None) -> pa.Sch
     return schema.with_metadata(merged)
 
 
-_PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True}
+# Page checksums: garbage over a data page is an error on reading, never wrong values.
+_PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True,
+                    "write_page_checksum": True}
 
 
 def write_table(table: pa.Table, path: str | Path, *, metadata: dict[str, Any] | None = None,
-                row_group_rows: int = ROW_GROUP_ROWS) -> None:
+                row_group_rows: int = ROW_GROUP_ROWS, fingerprint: bool = False) -> None:
     """Write `table` to Parquet atomically; `metadata` values are stored as JSON strings
-    in the schema's key-value metadata (provenance: encoder, dim, source, ...)."""
+    in the schema's key-value metadata (provenance: encoder, dim, source, ...).
+    fingerprint: also store the hash of the table's values (`pipeline.lineage`) under
+    "fingerprint", replacing any given in `metadata`."""
+    if fingerprint:
+        from pipeline.lineage import FINGERPRINT, table_fingerprint
+
+        metadata = {**(metadata or {}), FINGERPRINT: table_fingerprint(table)}
     table = table.replace_schema_metadata(_with_metadata(table.schema, metadata).metadata)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_rows, **_PARQUET_OPTIONS)
@@ -209,69 +213,6 @@ class TableStream:
         self.close()
 
 
-def read_metadata(schema: pa.Schema) -> dict[str, Any]:
-    """Decode the JSON-valued key-value metadata written by `write_table`."""
-    out: dict[str, Any] = {}
-    for key, value in (schema.metadata or {}).items():
-        name = key.decode()
-        if name.startswith("ARROW:") or name == "pandas":
-            continue
-        try:
-            out[name] = json.loads(value)
-        except json.JSONDecodeError:
-            out[name] = value.decode()
-    return out
-
-
-def read_table(path: str | Path, what: str, *, columns: Sequence[str] | None = None,
-               required: Sequence[str] = ()) -> tuple[pa.Table, dict[str, Any]]:
-    """Read a Parquet artifact, checking that it exists and has the required columns.
-
-    Returns (table, metadata) where metadata is `read_metadata` of its schema.
-    """
-    path = require(path, what)
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ArtifactError(f"{what} at {path} is not a readable Parquet file: {exc}") from None
-    missing = [c for c in required if c not in schema.names]
-    if missing:
-        raise ArtifactError(f"{what} at {path} lacks column(s) {', '.join(missing)} "
-                            f"(has {', '.join(schema.names)}); rerun its stage")
-    table = pq.read_table(path, columns=list(columns) if columns else None)
-    return table, read_metadata(schema)
-
-
-def iter_row_groups(path: str | Path, columns: Sequence[str]) -> Iterator[pa.Table]:
-    """`columns` of a Parquet file, one row group at a time. Without pre-buffering:
-    pyarrow's default reads ahead the column chunks of many row groups at once (measured:
-    3.6x the memory of reading a 12 MiB group at a time)."""
-    reader = pq.ParquetFile(path, pre_buffer=False)
-    for i in range(reader.num_row_groups):
-        yield reader.read_row_group(i, columns=list(columns))
-
-
-def iter_chunks(path: str | Path, columns: Sequence[str], chunk_rows: int
-                ) -> Iterator[pa.Table]:
-    """Stream `columns` of a Parquet file as tables of exactly `chunk_rows` rows (the last
-    may be shorter), whatever the file's row groups: two files read with the same
-    chunk_rows yield row-aligned chunks. Holds at most a chunk and one row group."""
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    pending: list[pa.Table] = []
-    count = 0
-    for group in iter_row_groups(path, columns):
-        pending.append(group)
-        count += group.num_rows
-        while count >= chunk_rows:
-            table = pa.concat_tables(pending)
-            yield table.slice(0, chunk_rows)
-            rest = table.slice(chunk_rows)
-            pending, count = [rest], rest.num_rows
-    if count:
-        yield pa.concat_tables(pending)
-
-
 # --------------------------------------------------------------------------- JSON / CSV
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
@@ -292,14 +233,6 @@ def write_json(data: dict[str, Any], path: str | Path) -> None:
     text = json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n"
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def read_json(path: str | Path, what: str) -> dict[str, Any]:
-    path = require(path, what)
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{what} at {path} is not valid JSON: {exc}") from None
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:

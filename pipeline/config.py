@@ -296,12 +296,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        raw = read_yaml(path.read_text()) or {}
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as exc:  # one line: where, and what (str(exc) quotes the source)
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
         raise ConfigError(f"params file {path} is not valid YAML{where}: {problem}") from None
+    if not raw:
+        # An empty file would run every stage on the built-in defaults, silently.
+        raise ConfigError(f"params file {path} is empty; it must hold the params sections "
+                          f"({', '.join(f.name for f in fields(Params))}); see params.yaml "
+                          "in the repository or `lra preset apply`")
     return params_from_dict(raw)
 
 

@@ -24,13 +24,18 @@ def normalized(x: np.ndarray) -> np.ndarray:
     return out
 
 
+ADD_ROWS = 65_536
+"""Vectors added per `add_with_ids` call (the progress bar's step)."""
+
+
 def build_index(embeddings: np.ndarray, ids: np.ndarray, *, factory: str,
-                seed: int = 0, in_place: bool = False) -> faiss.Index:
+                seed: int = 0, in_place: bool = False, progress: bool = False) -> faiss.Index:
     """Build an inner-product index of the L2-normalised `embeddings` (N, D) float32,
     labelled by `ids` (N,) int64. Trains the index first when the factory needs it
     (IVF, PQ), on all vectors, with a fixed clustering seed. in_place: normalise the
     caller's C-contiguous float32 array itself instead of a copy (one (N, D) array less
-    at the peak; the array is left normalised)."""
+    at the peak; the array is left normalised). progress: a bar over the vectors added
+    (in calls of ADD_ROWS, the same index whatever the bar)."""
     if in_place:
         if embeddings.dtype != np.float32 or not embeddings.flags.c_contiguous:
             raise TypeError("build_index(in_place=True) needs a C-contiguous float32 array")
@@ -53,8 +58,15 @@ def build_index(embeddings: np.ndarray, ids: np.ndarray, *, factory: str,
                 raise ConfigError(f"index.factory: {factory!r} asks for {ivf.nlist} lists but "
                                   f"the train split has only {len(x)} vectors")
         base.train(x)
+    from tqdm.auto import tqdm
+
     index = faiss.IndexIDMap2(base)
-    index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    with tqdm(total=len(x), unit="vec", desc="index", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(x), ADD_ROWS):
+            index.add_with_ids(x[start:start + ADD_ROWS], ids[start:start + ADD_ROWS])
+            bar.update(min(ADD_ROWS, len(x) - start))
     return index
 
 
@@ -63,14 +75,48 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
+def index_info_path(index_path: str | Path) -> Path:
+    """index.json, written by `lra index` beside the index file."""
+    return Path(index_path).with_name("index.json")
+
+
+def load_index_with_info(path: str | Path) -> tuple[faiss.Index, dict]:
+    """The index and its index.json (factory, dim, vectors, fingerprint, built_from).
+
+    The file's bytes are checked against the fingerprint in index.json before FAISS
+    reads them: a damaged Flat index would otherwise load with wrong vectors, and
+    garbage in a header can make FAISS allocate without bound."""
+    from pipeline.artifacts import damaged, read_json
+    from pipeline.lineage import FINGERPRINT, file_fingerprint
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"missing FAISS index: {path} (run `lra index` first)")
+    info = read_json(index_info_path(path), "FAISS index info", "lra index")
+    if not info.get(FINGERPRINT):
+        raise ArtifactError(f"{index_info_path(path)} records no fingerprint of the index "
+                            "(written before lineage was recorded); rerun `lra index`")
+    if file_fingerprint(path) != info[FINGERPRINT]:
+        raise damaged(path, "FAISS index", "lra index",
+                      f"its bytes do not match the fingerprint in {index_info_path(path)}")
+    index = load_index(path)
+    if (info.get("dim"), info.get("vectors")) != (index.d, index.ntotal):
+        raise ArtifactError(f"index at {path} ({index.ntotal} vectors of dimension {index.d}) "
+                            f"does not match {index_info_path(path)} ({info.get('vectors')} "
+                            f"of dimension {info.get('dim')}); rerun `lra index`")
+    return index, info
+
+
 def load_index(path: str | Path) -> faiss.Index:
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"missing FAISS index: {path} (run `lra index` first)")
     try:
         return faiss.read_index(str(path))
-    except RuntimeError as exc:
-        raise ArtifactError(f"{path} is not a readable FAISS index: {exc}") from None
+    except (RuntimeError, MemoryError) as exc:
+        from pipeline.artifacts import damaged
+
+        raise damaged(path, "FAISS index", "lra index", exc) from None
 
 
 def apply_search_params(index: faiss.Index, params: str) -> None:

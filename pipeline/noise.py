@@ -332,6 +332,15 @@ def read_noise_file(spec: str, *, n: int, num_classes: int,
     path, key = _split_key(spec)
     if not path.is_file():
         raise ArtifactError(f"noise.file: {path} does not exist")
+    try:
+        return _read_noise_file(path, key, n=n, num_classes=num_classes, sample_ids=sample_ids)
+    except (UnicodeDecodeError, EOFError, OSError) as exc:  # a damaged file
+        raise ArtifactError(f"noise.file: {path} cannot be read ({type(exc).__name__}: "
+                            f"{_one_line(exc)})") from None
+
+
+def _read_noise_file(path: Path, key: str | None, *, n: int, num_classes: int,
+                     sample_ids: np.ndarray | None) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return _read_csv(path, n=n, num_classes=num_classes, sample_ids=sample_ids)

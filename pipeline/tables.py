@@ -6,10 +6,7 @@ make a mismatched or corrupt upstream artifact fail early and clearly.
                 sample_id int64, split string, embedding fixed_size_list<float32>[D]
     labels      data/labels/labels.parquet
                 sample_id, split, clean_label int64?, observed_label int64, is_corrupted bool?
-    retrieval   data/retrieval/neighbours.parquet
-                sample_id, split, neighbour_ids [k] int64, distances [k] float32,
-                neighbour_labels [k] int64, candidate_labels [k+1] int64? (train only),
-                label_distribution [C] float32, own_label_agreement float32? (train only)
+    retrieval   data/retrieval/neighbours.parquet: `pipeline.neighbours`
 All tables are sorted by sample_id; the readers check that tables that must describe the
 same samples do.
 """
@@ -22,18 +19,22 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.artifacts import (ROW_GROUP_ROWS, embedding_array, fixed_list_array, iter_chunks,
-                                iter_row_groups, list_column_to_numpy, read_table,
+from pipeline.artifacts import (ROW_GROUP_ROWS, embedding_array, iter_chunks,
+                                iter_row_groups, list_column_to_numpy, read_metadata, read_schema, read_table,
                                 row_group_rows, write_table)
 from pipeline.errors import ArtifactError
+from pipeline.lineage import Ref, ref
 
 UNKNOWN = -1
 """Stands for a null label in int64 arrays (clean labels of real-noise datasets)."""
 
+# The commands that rebuild each table (named in the error for a damaged one).
+PREPARE, EMBED, NOISE, RETRIEVE = "lra prepare", "lra embed", "lra noise", "lra retrieve"
 
-def _split(table: pa.Table) -> np.ndarray:
+
+def split_column(table: pa.Table) -> np.ndarray:
+    """The split column as an (N,) object array."""
     return np.asarray(table.column("split").to_pylist(), dtype=object)
 
 
@@ -42,6 +43,19 @@ def check_same_samples(a: np.ndarray, b: np.ndarray, what_a: str, what_b: str) -
     if len(a) != len(b) or not np.array_equal(a, b):
         raise ArtifactError(f"{what_a} ({len(a)} rows) and {what_b} ({len(b)} rows) describe "
                             "different samples; rerun the pipeline (`uv run dvc repro`)")
+
+
+def table_stamp(path: str | Path) -> dict[str, Any]:
+    """The lineage stamp of a table written by this module ({fingerprint, rows[, dim]}),
+    for code that assembles artifacts itself (benchmarks, tests) and records what
+    they were built from as `built_from`."""
+    schema = read_schema(path, "table", "the stage that writes it")
+    rows = read_table(path, "table", columns=schema.names[:1])[0].num_rows
+    dim = None
+    if "embedding" in schema.names:
+        dim = schema.field("embedding").type.list_size
+    return ref("", "table", path, "the stage that writes it", read_metadata(schema),
+               rows=rows, dim=dim).stamp()
 
 
 # --------------------------------------------------------------------------- prepared
@@ -57,10 +71,14 @@ class Prepared:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def ref(self, path: str | Path) -> Ref:
+        return ref("prepared", "prepared table", path, PREPARE, self.meta,
+                   rows=self.table.num_rows)
+
 
 def read_prepared(path: str | Path) -> Prepared:
     table, meta = read_table(path, "prepared table", required=(
-        "sample_id", "split", "label", "clean_label", "image", "path"))
+        "sample_id", "split", "label", "clean_label", "image", "path"), rebuild=PREPARE)
     for key in ("class_names", "labels_are_clean"):
         if key not in meta:
             raise ArtifactError(f"prepared table at {path} lacks metadata {key!r}; "
@@ -96,7 +114,7 @@ def write_embeddings(path: str | Path, *, sample_id: np.ndarray, split: np.ndarr
         "embedding": embedding_array(vectors),
     })
     write_table(table, path, metadata={**provenance, "dim": int(vectors.shape[1])},
-                row_group_rows=row_group_rows(4 * vectors.shape[1] + 16))
+                row_group_rows=row_group_rows(4 * vectors.shape[1] + 16), fingerprint=True)
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,10 @@ class EmbeddingsFile:
         """Row positions of one split: (n,) int64."""
         return np.flatnonzero(self.split == split)
 
+    def ref(self) -> Ref:
+        return ref("embeddings", "embeddings", self.path, EMBED, self.meta,
+                   rows=len(self.sample_id), dim=self.dim)
+
     def _checked(self, vectors: np.ndarray, start: int) -> np.ndarray:
         bad = ~np.isfinite(vectors).all(axis=1)
         if bad.any():
@@ -132,7 +154,8 @@ class EmbeddingsFile:
         except for the last chunk (row-aligned with `NeighbourChunks.iter_chunks`); each
         chunk is checked for NaN / inf."""
         start = 0
-        for table in iter_chunks(self.path, ["embedding"], chunk_rows):
+        for table in iter_chunks(self.path, ["embedding"], chunk_rows, what="embeddings",
+                                 rebuild=EMBED):
             vectors = self._checked(list_column_to_numpy(table.column(0), np.float32), start)
             yield start, vectors
             start += len(vectors)
@@ -147,7 +170,8 @@ class EmbeddingsFile:
             raise ValueError("read_rows needs strictly increasing row positions")
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         start = 0
-        for group in iter_row_groups(self.path, ["embedding"]):
+        for group in iter_row_groups(self.path, ["embedding"], what="embeddings",
+                                     rebuild=EMBED):
             vectors = self._checked(list_column_to_numpy(group.column(0), np.float32), start)
             lo, hi = np.searchsorted(rows, [start, start + len(vectors)])
             np.take(vectors, rows[lo:hi] - start, axis=0, out=out[lo:hi])  # no temporary
@@ -168,8 +192,8 @@ def open_embeddings(path: str | Path) -> EmbeddingsFile:
     """Read the ids, splits and provenance of an embeddings table and check its schema;
     the vectors stay on disk until asked for."""
     table, meta = read_table(path, "embeddings", columns=("sample_id", "split"),
-                             required=("sample_id", "split", "embedding"))
-    col_type = pq.read_schema(path).field("embedding").type
+                             required=("sample_id", "split", "embedding"), rebuild=EMBED)
+    col_type = read_schema(path, "embeddings", EMBED).field("embedding").type
     if not (pa.types.is_fixed_size_list(col_type) and pa.types.is_float32(col_type.value_type)):
         raise ArtifactError(f"embeddings at {path}: column 'embedding' is {col_type}, expected "
                             "fixed_size_list<float32>[D]; rerun `lra embed`")
@@ -181,7 +205,7 @@ def open_embeddings(path: str | Path) -> EmbeddingsFile:
         # Later stages index arrays by sample id: ids must be the row positions.
         raise ArtifactError(f"embeddings at {path}: sample_id must be 0..N-1 in row order; "
                             "rerun `lra prepare` and `lra embed`")
-    return EmbeddingsFile(Path(path), sample_id, _split(table), col_type.list_size, meta)
+    return EmbeddingsFile(Path(path), sample_id, split_column(table), col_type.list_size, meta)
 
 
 def read_embeddings(path: str | Path) -> Embeddings:
@@ -202,6 +226,9 @@ class Labels:
     num_classes: int
     meta: dict[str, Any]
 
+    def ref(self, path: str | Path) -> Ref:
+        return ref("labels", "labels", path, NOISE, self.meta, rows=len(self.sample_id))
+
 
 def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
                  clean: np.ndarray, observed: np.ndarray, metadata: dict[str, Any]) -> None:
@@ -213,12 +240,12 @@ def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
         "observed_label": pa.array(observed, type=pa.int64()),
         "is_corrupted": pa.array(clean != observed, type=pa.bool_(), mask=~known),
     })
-    write_table(table, path, metadata=metadata)
+    write_table(table, path, metadata=metadata, fingerprint=True)
 
 
 def read_labels(path: str | Path) -> Labels:
     table, meta = read_table(path, "labels", required=(
-        "sample_id", "split", "clean_label", "observed_label"))
+        "sample_id", "split", "clean_label", "observed_label"), rebuild=NOISE)
     if "num_classes" not in meta:
         raise ArtifactError(f"labels at {path} lack num_classes metadata; rerun `lra noise`")
     c = int(meta["num_classes"])
@@ -229,108 +256,5 @@ def read_labels(path: str | Path) -> Labels:
         if bad.any():
             raise ArtifactError(f"labels at {path}: {int(bad.sum())} {name} value(s) outside "
                                 f"[0, {c}), e.g. {int(arr[bad][0])}")
-    return Labels(table.column("sample_id").to_numpy(), _split(table), clean, observed, c, meta)
-
-
-# --------------------------------------------------------------------------- retrieval
-@dataclass(frozen=True)
-class Retrieval:
-    """neighbour_ids, neighbour_labels: (N, k) int64; distances: (N, k) float32;
-    candidates: (N, k + 1) int64, rows of non-train samples filled with UNKNOWN."""
-
-    sample_id: np.ndarray
-    split: np.ndarray
-    neighbour_ids: np.ndarray
-    distances: np.ndarray
-    neighbour_labels: np.ndarray
-    candidates: np.ndarray
-    meta: dict[str, Any]
-
-    @property
-    def k(self) -> int:
-        return self.neighbour_ids.shape[1]
-
-
-def write_retrieval(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
-                    neighbour_ids: np.ndarray, distances: np.ndarray,
-                    neighbour_labels: np.ndarray, candidates: np.ndarray,
-                    distribution: np.ndarray, agreement: np.ndarray, is_train: np.ndarray,
-                    metadata: dict[str, Any]) -> None:
-    not_train = pa.array(~is_train)
-    candidate_col = pa.FixedSizeListArray.from_arrays(
-        pa.array(candidates.reshape(-1), type=pa.int64()), candidates.shape[1], mask=not_train)
-    table = pa.table({
-        "sample_id": pa.array(sample_id, type=pa.int64()),
-        "split": pa.array(list(split), type=pa.string()),
-        "neighbour_ids": fixed_list_array(neighbour_ids, pa.int64()),
-        "distances": fixed_list_array(distances, pa.float32()),
-        "neighbour_labels": fixed_list_array(neighbour_labels, pa.int64()),
-        "candidate_labels": candidate_col,
-        "label_distribution": fixed_list_array(distribution, pa.float32()),
-        "own_label_agreement": pa.array(agreement, type=pa.float32(), mask=~is_train),
-    })
-    write_table(table, path, metadata=metadata,
-                row_group_rows=row_group_rows(table.nbytes // max(len(table), 1)))
-
-
-@dataclass(frozen=True)
-class NeighbourChunks:
-    """A retrieval table opened for streaming the neighbours' labels and distances, which
-    is all evaluation needs: sample_id (N,) int64 now, the (b, k) columns chunk by chunk."""
-
-    path: Path
-    sample_id: np.ndarray
-    meta: dict[str, Any]
-
-    def iter_chunks(self, chunk_rows: int = ROW_GROUP_ROWS
-                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Yield (first row, neighbour_labels (b, k) int64, distances (b, k) float32)."""
-        start = 0
-        for table in iter_chunks(self.path, ["neighbour_labels", "distances"], chunk_rows):
-            labels = list_column_to_numpy(table.column(0), np.int64)
-            yield start, labels, list_column_to_numpy(table.column(1), np.float32)
-            start += len(labels)
-
-
-def open_neighbours(path: str | Path) -> NeighbourChunks:
-    table, meta = read_table(path, "retrieval table", columns=("sample_id",), required=(
-        "sample_id", "neighbour_labels", "distances"))
-    return NeighbourChunks(Path(path), table.column("sample_id").to_numpy(), meta)
-
-
-RETRIEVAL_COLUMNS = ("sample_id", "split", "neighbour_ids", "distances", "neighbour_labels",
-                     "candidate_labels")
-
-
-def _candidates(column: pa.ChunkedArray) -> np.ndarray:
-    """candidate_labels column -> (N, k + 1) int64, UNKNOWN on null (non-train) rows."""
-    col = column.combine_chunks()
-    width = col.type.list_size
-    candidates = np.full((len(col), width), UNKNOWN, dtype=np.int64)
-    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False))
-    # Null rows still occupy their slots in the flat values buffer.
-    flat = col.values.to_numpy(zero_copy_only=False)
-    flat = flat[col.offset * width:(col.offset + len(col)) * width]
-    candidates[valid] = flat.reshape(-1, width)[valid]
-    return candidates
-
-
-def read_retrieval(path: str | Path) -> Retrieval:
-    """The columns `Retrieval` holds (not the label distributions, which stages recompute
-    or do not need)."""
-    table, meta = read_table(path, "retrieval table", columns=RETRIEVAL_COLUMNS,
-                             required=RETRIEVAL_COLUMNS)
-    return Retrieval(
-        sample_id=table.column("sample_id").to_numpy(), split=_split(table),
-        neighbour_ids=list_column_to_numpy(table.column("neighbour_ids"), np.int64),
-        distances=list_column_to_numpy(table.column("distances"), np.float32),
-        neighbour_labels=list_column_to_numpy(table.column("neighbour_labels"), np.int64),
-        candidates=_candidates(table.column("candidate_labels")), meta=meta)
-
-
-def read_candidates(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """What training needs of the retrieval table: (sample_id (N,) int64, candidates
-    (N, k + 1) int64 with UNKNOWN on non-train rows), reading only those two columns."""
-    table, _ = read_table(path, "retrieval table", columns=("sample_id", "candidate_labels"),
-                          required=RETRIEVAL_COLUMNS)
-    return table.column("sample_id").to_numpy(), _candidates(table.column("candidate_labels"))
+    return Labels(table.column("sample_id").to_numpy(), split_column(table), clean, observed,
+                  c, meta)

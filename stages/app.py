@@ -34,19 +34,54 @@ app = typer.Typer(
 
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"lra {version('lra-diffusion')}")
+        except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+            typer.echo("lra (version unknown: the package is not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _group() -> None:
+def _group(show_version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the package version and exit.")] = False) -> None:
     """Keeps `lra` a command group even when only one command is loaded (stages.launch
     imports only the command it runs; a one-command Typer app would swallow its name)."""
 
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
+
+
+OutDirOption = Annotated[Path, typer.Option(
+    "--out-dir", help="Folder the stage writes its outputs to (created if missing).")]
+# Input options are named after the artifact they read.
+PreparedOption = Annotated[Path, typer.Option(
+    "--prepared", help="Prepared table (lra prepare): data/prepared/samples.parquet.")]
+EmbeddingsOption = Annotated[Path, typer.Option(
+    "--embeddings", help="Embeddings table (lra embed): data/embeddings/embeddings.parquet.")]
+IndexOption = Annotated[Path, typer.Option(
+    "--index", help="FAISS index (lra index): data/index/train.faiss, with its index.json "
+                    "beside it.")]
+LabelsOption = Annotated[Path, typer.Option(
+    "--labels", help="Labels table (lra noise): data/labels/labels.parquet.")]
+RetrievalOption = Annotated[Path, typer.Option(
+    "--retrieval", help="Retrieval table (lra retrieve): data/retrieval/neighbours.parquet.")]
+ModelOption = Annotated[Path, typer.Option(
+    "--model", help="Model checkpoint (lra train): data/model/model.pt.")]
 DeviceOption = Annotated[str, typer.Option(
     "--device", envvar="LRA_DEVICE",
     help="auto | cpu | cuda | cuda:N. A runtime knob: it changes speed, not results.")]
 ThreadsOption = Annotated[int, typer.Option(
     "--threads", envvar="LRA_THREADS", min=0,
     help="CPU threads for torch / FAISS (0: the library default).")]
+WorkersOption = Annotated[int, typer.Option(
+    "--workers", min=0, envvar="LRA_WORKERS",
+    help="Worker processes for image decoding / checking (0: prepare uses one per CPU, "
+         "at most 16; embed decodes in the main process).")]
 ProgressOption = Annotated[bool, typer.Option(
     "--progress/--no-progress", envvar="LRA_PROGRESS", help="Show progress bars on stderr.")]
 NprocOption = Annotated[int, typer.Option(
@@ -72,12 +107,20 @@ def resolve_device(device: str) -> str:
     raise ConfigError(f"--device: unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
 
 
-def set_threads(threads: int) -> None:
-    if threads > 0:
-        import faiss
+def set_threads(threads: int, *, libraries: tuple[str, ...] = ("torch", "faiss")) -> None:
+    """Use `threads` CPU threads (0: the libraries' defaults) in polars (read when it is
+    first imported) and in `libraries` (imported here: pass only those the stage uses,
+    importing torch costs seconds)."""
+    if threads <= 0:
+        return
+    os.environ["POLARS_MAX_THREADS"] = str(threads)
+    if "torch" in libraries:
         import torch
 
         torch.set_num_threads(threads)
+    if "faiss" in libraries:
+        import faiss
+
         faiss.omp_set_num_threads(threads)
 
 
@@ -115,6 +158,9 @@ def stage(name: str, params_path: Path | None = None) -> Iterator[Params | None]
     """
     logging.basicConfig(level=os.environ.get("LRA_LOG_LEVEL", "INFO"),
                         format=f"lra {name}: %(message)s", stream=sys.stderr, force=True)
+    # faiss's loader logs at INFO every instruction set it could not load ("Could not
+    # load library with AVX512 support ..."): not the stage's business.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
     try:
         with _sigterm_as_interrupt():
             yield load_params(params_path) if params_path is not None else None

@@ -19,20 +19,21 @@ from pipeline import distributed
 from pipeline.embed_cache import DEFAULT_CACHE_ROOT, DEFAULT_CHUNK_ROWS, embed_table, release
 from pipeline.encoders import RuntimeOptions, build_encoder
 from pipeline.errors import ArtifactError
+from pipeline.lineage import BUILT_FROM
 from pipeline.tables import read_prepared, write_embeddings
-from stages.app import (DeviceOption, NprocOption, ParamsOption, ProgressOption,
-                        ThreadsOption, app, resolve_device, set_threads, stage)
+from stages.app import (DeviceOption, NprocOption, OutDirOption, ParamsOption,
+                        PreparedOption, ProgressOption, ThreadsOption, WorkersOption, app,
+                        resolve_device, set_threads, stage)
 
 
 @app.command()
 def embed(params: ParamsOption = Path("params.yaml"),
-          prepared: Path = Path("data/prepared/samples.parquet"),
-          out: Path = Path("data/embeddings/embeddings.parquet"),
+          prepared: PreparedOption = Path("data/prepared/samples.parquet"),
+          out_dir: OutDirOption = Path("data/embeddings"),
           device: DeviceOption = "auto",
           batch_size: Annotated[int, typer.Option(min=1, envvar="LRA_EMBED_BATCH",
                                                   help="Images per forward pass.")] = 256,
-          workers: Annotated[int, typer.Option(min=0, envvar="LRA_WORKERS",
-                                               help="Image-decoding worker processes.")] = 0,
+          workers: WorkersOption = 0,
           threads: ThreadsOption = 0, progress: ProgressOption = True,
           cache_dir: Annotated[Path, typer.Option(
               "--cache-dir", envvar="LRA_CACHE_DIR",
@@ -54,8 +55,8 @@ def embed(params: ParamsOption = Path("params.yaml"),
     with stage("embed", params) as p:
         if nproc > 1 and not distributed.launched():
             raise typer.Exit(distributed.relaunch(nproc, [
-                "embed", "--params", str(params), "--prepared", str(prepared), "--out",
-                str(out), "--device", device, "--batch-size", str(batch_size), "--workers",
+                "embed", "--params", str(params), "--prepared", str(prepared), "--out-dir",
+                str(out_dir), "--device", device, "--batch-size", str(batch_size), "--workers",
                 str(workers), "--threads", str(threads),
                 "--progress" if progress else "--no-progress", "--cache-dir", str(cache_dir),
                 "--chunk-rows", str(chunk_rows),
@@ -66,8 +67,9 @@ def embed(params: ParamsOption = Path("params.yaml"),
         dev = distributed.rank_device(resolve_device(device), ctx)
         # Embedding exchanges only small objects and waits at barriers: gloo (CPU).
         with distributed.session(device=dev, backend="gloo") as ctx:
-            set_threads(threads)
+            set_threads(threads, libraries=("torch",))  # no FAISS here
             data = read_prepared(prepared)
+            built_from = {"prepared": data.ref(prepared).stamp()}  # fails now, not after
             encoder = build_encoder(p.embed)
             runtime = RuntimeOptions(device=dev, batch_size=batch_size, workers=workers,
                                      progress=progress and ctx.is_main)
@@ -78,7 +80,8 @@ def embed(params: ParamsOption = Path("params.yaml"),
                 if not np.isfinite(vectors).all():
                     raise ArtifactError("the encoder produced NaN or infinite embeddings; "
                                         "nothing was written")
-                write_embeddings(out, sample_id=data.table.column("sample_id").to_numpy(),
+                write_embeddings(out_dir / "embeddings.parquet",
+                                 sample_id=data.table.column("sample_id").to_numpy(),
                                  split=data.table.column("split").to_pylist(), vectors=vectors,
-                                 provenance=result.provenance)
+                                 provenance={**result.provenance, BUILT_FROM: built_from})
             release(result, ctx, keep=keep_cache)

@@ -23,13 +23,16 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import EvaluateConfig
 from pipeline.errors import ArtifactError
 from pipeline.inference import ChunkPredictions, DiffusionScorer
+from pipeline.lineage import check_built_from, ref
 from pipeline.linear import LinearProbe, fit_linear_selected
 from pipeline.metrics import evaluation_metrics
 from pipeline.retrieval import knn_vote
+from pipeline.neighbours import open_neighbours
 from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
-                             open_embeddings, open_neighbours, read_labels)
-from stages.app import (DeviceOption, ParamsOption, ProgressOption, ThreadsOption, app,
-                        resolve_device, set_threads, stage)
+                             open_embeddings, read_labels)
+from stages.app import (DeviceOption, EmbeddingsOption, LabelsOption, ModelOption,
+                        OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
+                        ThreadsOption, app, resolve_device, set_threads, stage)
 
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,15 @@ log = logging.getLogger(__name__)
 
 @app.command()
 def evaluate(params: ParamsOption = Path("params.yaml"),
-             model: Path = Path("data/model/model.pt"),
-             embeddings: Path = Path("data/embeddings/embeddings.parquet"),
-             labels: Path = Path("data/labels/labels.parquet"),
-             retrieval: Path = Path("data/retrieval/neighbours.parquet"),
-             out_dir: Path = Path("data/evaluate"), device: DeviceOption = "auto",
-             chunk_rows: Annotated[int, typer.Option(min=1, envvar="LRA_EVAL_CHUNK",
-                                                     help="Rows per inference chunk.")] = 4096,
+             model: ModelOption = Path("data/model/model.pt"),
+             embeddings: EmbeddingsOption = Path("data/embeddings/embeddings.parquet"),
+             labels: LabelsOption = Path("data/labels/labels.parquet"),
+             retrieval: RetrievalOption = Path("data/retrieval/neighbours.parquet"),
+             out_dir: OutDirOption = Path("data/evaluate"), device: DeviceOption = "auto",
+             chunk_rows: Annotated[int, typer.Option(
+                 min=1, envvar="LRA_CHUNK_ROWS",
+                 help="Rows per inference chunk; changes memory, never the output.")
+             ] = 4096,
              threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
     """Score LRA-diffusion and the baselines on every split with known labels."""
     with stage("evaluate", params) as p:
@@ -58,6 +63,10 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
         if ckpt["spec"]["feature_dim_in"] != emb.dim:
             raise ArtifactError(f"model expects {ckpt['spec']['feature_dim_in']}-d embeddings "
                                 f"but the embeddings are {emb.dim}-d; rerun `lra train`")
+        inputs = (emb.ref(), lab.ref(labels), ret.ref())
+        check_built_from(ret.ref(), *inputs[:2])
+        check_built_from(ref("model", "model checkpoint", model, "lra train", ckpt["info"]),
+                         *inputs)
         c = lab.num_classes
         cfg = p.evaluate
         scorer = DiffusionScorer.from_checkpoint(net, ckpt, num_classes=c, device=dev,

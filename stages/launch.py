@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = ("prepare", "embed", "index", "noise", "retrieve", "train", "evaluate", "preset")
+COMMANDS = ("validate", "prepare", "embed", "index", "noise", "retrieve", "train", "evaluate",
+            "preset")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,9 @@ import yaml
 
 from pipeline.artifacts import atomic_path
 from pipeline.config import read_yaml
-from pipeline.presets import apply_preset, load_preset, preset_names
+from pipeline.errors import ConfigError
+from pipeline.presets import apply_preset, deep_merge, load_preset, preset_names
+from pipeline.yaml_edit import set_leaves
 from stages.app import app, stage
 
 preset_app = typer.Typer(help="Presets for the paper's experiments (CIFAR PMD / hybrid "
@@ -38,14 +41,26 @@ def show(name: str) -> None:
 
 @preset_app.command("apply")
 def apply(name: str,
-          root: Annotated[str | None, typer.Option(help="Dataset directory (data.root).")] = None,
+          root: Annotated[str | None, typer.Option(
+              help="Dataset directory, or manifest file (data.root); must exist.")] = None,
           params: Annotated[Path, typer.Option("--params", help="params file to update.")]
           = Path("params.yaml")) -> None:
-    """Merge a preset into params.yaml (comments in that file are not kept)."""
+    """Merge a preset into params.yaml, keeping its comments."""
     with stage("preset"):
-        current = read_yaml(params.read_text()) if params.exists() else {}
+        if root is not None and not Path(root).exists():
+            raise ConfigError(f"--root {root}: no such file or directory; give the dataset's "
+                              "directory (or the manifest file)")
+        text = params.read_text() if params.exists() else ""
+        current = read_yaml(text) if text else {}
         merged = apply_preset(current or {}, name, root=root)
+        updates = deep_merge(load_preset(name)["params"],
+                             {"data": {"root": root}} if root is not None else {})
+        try:
+            new_text = set_leaves(text, updates, parse=read_yaml)
+        except ValueError as exc:  # a layout the line editor does not handle
+            logging.getLogger(__name__).warning("%s: comments not kept (%s)", params, exc)
+            new_text = yaml.safe_dump(merged, sort_keys=False)
         with atomic_path(params) as tmp:
-            tmp.write_text(yaml.safe_dump(merged, sort_keys=False))
+            tmp.write_text(new_text)
         typer.echo(f"{params}: preset {name} applied; run `uv run dvc repro` "
                    "(or `uv run dvc exp run` to keep it as an experiment)")

@@ -5,35 +5,45 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from pipeline import lineage
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.index import apply_search_params, load_index
+from pipeline.index import apply_search_params, load_index_with_info
 from pipeline.retrieval import (candidate_labels, label_distribution,
                                 neighbours_excluding_self, own_label_agreement)
-from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_labels,
-                             write_retrieval)
-from stages.app import ParamsOption, ThreadsOption, app, set_threads, stage
+from pipeline.neighbours import write_retrieval
+from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
+from stages.app import (EmbeddingsOption, IndexOption, LabelsOption, OutDirOption,
+                        ParamsOption, ProgressOption, ThreadsOption, app, set_threads, stage)
 
 
 @app.command()
 def retrieve(params: ParamsOption = Path("params.yaml"),
-             index_path: Path = Path("data/index/train.faiss"),
-             embeddings: Path = Path("data/embeddings/embeddings.parquet"),
-             labels: Path = Path("data/labels/labels.parquet"),
-             out_dir: Path = Path("data/retrieval"), threads: ThreadsOption = 0) -> None:
+             index: IndexOption = Path("data/index/train.faiss"),
+             embeddings: EmbeddingsOption = Path("data/embeddings/embeddings.parquet"),
+             labels: LabelsOption = Path("data/labels/labels.parquet"),
+             out_dir: OutDirOption = Path("data/retrieval"), threads: ThreadsOption = 0,
+             progress: ProgressOption = True) -> None:
     """For every sample, its k nearest train neighbours (never itself) and their labels."""
     with stage("retrieve", params) as p:
-        set_threads(threads)
+        set_threads(threads, libraries=("faiss",))  # no torch here
         k = p.retrieve.k
         emb = open_embeddings(embeddings)
         lab = read_labels(labels)
         check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
-        idx = load_index(index_path)
+        idx, info = load_index_with_info(index)
+        index_ref = lineage.ref("index", "FAISS index", index, "lra index", info,
+                                rows=info.get("vectors"), dim=info.get("dim"))
+        lineage.check_built_from(index_ref, emb.ref())
+        lineage.check_same_origin(emb.ref(), lab.ref(labels))
+        built_from = {"index": index_ref.stamp(), "embeddings": emb.ref().stamp(),
+                      "labels": lab.ref(labels).stamp()}
         n_train = int((emb.split == "train").sum())
         if idx.ntotal != n_train:
             # A stale index is a mismatched artifact (exit 1), not a params error.
-            raise ArtifactError(f"index at {index_path} holds {idx.ntotal} vectors but the "
+            raise ArtifactError(f"index at {index} holds {idx.ntotal} vectors but the "
                                 f"train split has {n_train}; rerun `lra index`")
         if k >= n_train:
             raise ConfigError(f"retrieve.k: {k} must be smaller than the train split "
@@ -43,10 +53,13 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
         # embeddings one chunk at a time.
         n = len(emb.sample_id)
         ids, sims = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float32)
-        for start, chunk in emb.iter_chunks():
-            rows = slice(start, start + len(chunk))
-            ids[rows], sims[rows] = neighbours_excluding_self(idx, chunk, emb.sample_id[rows],
-                                                              k=k)
+        with tqdm(total=n, unit="row", desc="retrieve", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for start, chunk in emb.iter_chunks():
+                rows = slice(start, start + len(chunk))
+                ids[rows], sims[rows] = neighbours_excluding_self(
+                    idx, chunk, emb.sample_id[rows], k=k)
+                bar.update(len(chunk))
         # Sample ids are 0..N-1 row positions in every table, so ids index arrays directly.
         neighbour_labels = lab.observed[ids]  # (N, k)
         is_train = emb.split == "train"
@@ -73,5 +86,6 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
                             neighbour_labels=neighbour_labels, candidates=candidates,
                             distribution=distribution, agreement=agreement, is_train=is_train,
                             metadata={"k": k, "num_classes": lab.num_classes,
-                                      "distance": "cosine (1 - cos similarity)"})
+                                      "distance": "cosine (1 - cos similarity)",
+                                      lineage.BUILT_FROM: built_from})
             write_json(summary, out.path(out_dir / "retrieval.json"))

@@ -21,19 +21,21 @@ from pipeline.config import Params, as_dict
 from pipeline.errors import ArtifactError
 from pipeline.features import FeatureNormalizer
 from pipeline.model import ModelSpec
-from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_candidates,
-                             read_labels)
+from pipeline.lineage import BUILT_FROM, check_built_from
+from pipeline.neighbours import read_candidates_meta
+from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
 from pipeline.training import TrainData, train_diffusion
-from stages.app import (DeviceOption, NprocOption, ParamsOption, ProgressOption,
+from stages.app import (DeviceOption, EmbeddingsOption, LabelsOption, NprocOption,
+                        OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
                         ThreadsOption, app, resolve_device, set_threads, stage)
 
 
 @app.command()
 def train(params: ParamsOption = Path("params.yaml"),
-          embeddings: Path = Path("data/embeddings/embeddings.parquet"),
-          labels: Path = Path("data/labels/labels.parquet"),
-          retrieval: Path = Path("data/retrieval/neighbours.parquet"),
-          out_dir: Path = Path("data/model"), device: DeviceOption = "auto",
+          embeddings: EmbeddingsOption = Path("data/embeddings/embeddings.parquet"),
+          labels: LabelsOption = Path("data/labels/labels.parquet"),
+          retrieval: RetrievalOption = Path("data/retrieval/neighbours.parquet"),
+          out_dir: OutDirOption = Path("data/model"), device: DeviceOption = "auto",
           threads: ThreadsOption = 0, progress: ProgressOption = True,
           nproc: NprocOption = 1) -> None:
     """Train the diffusion classifier; keep the best validation epoch."""
@@ -79,9 +81,12 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
     lab = read_labels(labels)
     if threads == 0 and dev == "cpu":
         _one_thread_for_small_steps(p, dim=emb.dim, num_classes=lab.num_classes)
-    ret_ids, candidates = read_candidates(retrieval)
+    ret_ids, candidates, ret_ref = read_candidates_meta(retrieval)
     check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
     check_same_samples(emb.sample_id, ret_ids, "embeddings", "retrieval table")
+    inputs = (emb.ref(), lab.ref(labels), ret_ref)
+    check_built_from(ret_ref, *inputs[:2])
+    built_from = {r.name: r.stamp() for r in inputs}  # before training: fails fast
     train_rows, val_rows = emb.rows("train"), emb.rows("val")
     if len(val_rows) == 0:
         raise ArtifactError("no validation split: model selection needs one "
@@ -104,7 +109,8 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
         return
     info = {**result.best, "train_config": as_dict(p.train), "k": candidates.shape[1] - 1,
             "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model"),
-            "val_labels": "clean" if (lab.clean[val_rows] != UNKNOWN).all() else "observed"}
+            "val_labels": "clean" if (lab.clean[val_rows] != UNKNOWN).all() else "observed",
+            BUILT_FROM: built_from}
     with StageWriter() as out:
         save_checkpoint(out.path(out_dir / "model.pt"), spec=result.spec,
                         state_dict=result.state_dict, normalizer=norm,

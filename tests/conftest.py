@@ -187,11 +187,11 @@ def stage_args(stage: str, root: Path, params_path: Path) -> list[str]:
     d = lambda name: str(Path(a[name]).parent)  # noqa: E731
     paths = {
         "prepare": ["--out-dir", d("samples")],
-        "embed": ["--prepared", a["samples"], "--out", a["embeddings"]],
+        "embed": ["--prepared", a["samples"], "--out-dir", d("embeddings")],
         "index": ["--embeddings", a["embeddings"], "--out-dir", d("index")],
         "noise": ["--prepared", a["samples"], "--embeddings", a["embeddings"],
                   "--out-dir", d("labels")],
-        "retrieve": ["--index-path", a["index"], "--embeddings", a["embeddings"],
+        "retrieve": ["--index", a["index"], "--embeddings", a["embeddings"],
                      "--labels", a["labels"], "--out-dir", d("neighbours")],
         "train": ["--embeddings", a["embeddings"], "--labels", a["labels"],
                   "--retrieval", a["neighbours"], "--out-dir", d("model")],

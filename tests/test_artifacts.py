@@ -190,7 +190,7 @@ def test_read_table_errors(tmp_path):
         read_table(tmp_path / "none.parquet", "labels")
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"this is not parquet at all")
-    with pytest.raises(ArtifactError, match="not a readable Parquet"):
+    with pytest.raises(ArtifactError, match="is damaged"):
         read_table(bad, "labels")
     good = tmp_path / "good.parquet"
     write_table(_table(10), good)
@@ -225,7 +225,7 @@ def test_read_json_errors(tmp_path):
         read_json(tmp_path / "no.json", "metrics")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ArtifactError, match="not valid JSON"):
+    with pytest.raises(ArtifactError, match="is damaged"):
         read_json(bad, "metrics")
 
 

@@ -237,12 +237,12 @@ def test_progress_env_var_is_read_as_a_bool(tmp_path, pipeline_run, value, exit_
     """LRA_PROGRESS=0 (as conftest sets it) is a valid off; junk is a usage error. The
     valid values get as far as the missing input (exit 1)."""
     result = invoke(["embed", "--params", pipeline_run.params_path,
-                     "--prepared", tmp_path / "missing.parquet", "--out", tmp_path / "e.parquet"],
+                     "--prepared", tmp_path / "missing.parquet", "--out-dir", tmp_path / "e"],
                     env={"LRA_PROGRESS": value})
     assert result.exit_code == exit_code, result.output
     if exit_code == 2:
         assert "LRA_PROGRESS" in result.stderr
-    assert not (tmp_path / "e.parquet").exists()
+    assert not (tmp_path / "e").exists()
 
 
 def test_unknown_device_is_a_usage_error(run_copy):
@@ -361,7 +361,8 @@ def test_stale_index_is_a_domain_error(run_copy):
     clear_outputs(run_copy, "retrieve")
     result = invoke(stage_args("retrieve", run_copy.root, run_copy.params_path))
     assert result.exit_code == 1, result.output
-    assert_one_line_error(result.stderr, "retrieve", str(len(half)), "rerun `lra index`")
+    # index.json fingerprints the index it describes: the replaced file does not match.
+    assert_one_line_error(result.stderr, "retrieve", "index.json", "`lra index` rebuilds it")
     assert_nothing_written(run_copy, "retrieve")
 
 
@@ -503,7 +504,8 @@ def test_failed_stage_leaves_other_artifacts_untouched(run_copy, tmp_path):
 
 def test_outputs_are_readable_by_stage_readers(pipeline_run):
     """What one stage publishes, the next one's reader accepts (schema round trip)."""
-    from pipeline.tables import read_embeddings, read_labels, read_retrieval
+    from pipeline.neighbours import read_retrieval
+    from pipeline.tables import read_embeddings, read_labels
 
     emb = read_embeddings(pipeline_run.path("embeddings"))
     lab = read_labels(pipeline_run.path("labels"))

@@ -214,10 +214,24 @@ def test_load_params_reads_exponent_floats_like_dvc(tmp_path):
         load_params(path)
 
 
-def test_load_params_empty_file_gives_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n", "{}\n"])
+def test_load_params_empty_file_is_refused(tmp_path, text):
+    """An empty file used to run every stage on the built-in defaults, silently."""
     path = tmp_path / "params.yaml"
-    path.write_text("")
-    assert load_params(path) == Params()
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="is empty"):
+        load_params(path)
+
+
+def test_cli_empty_params_file_is_a_usage_error(tmp_path):
+    from conftest import assert_one_line_error, invoke
+
+    (tmp_path / "params.yaml").write_text("")
+    result = invoke(["prepare", "--params", tmp_path / "params.yaml",
+                     "--out-dir", tmp_path / "out"])
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result.stderr, "prepare", "is empty")
+    assert not (tmp_path / "out").exists()
 
 
 def test_load_params_missing_and_invalid(tmp_path):

@@ -33,7 +33,8 @@ from pipeline.distributed import DistContext, GlobalBatchNorm1d, convert_batchno
 from pipeline.errors import ConfigError
 from pipeline.images import encode_png
 from pipeline.sources import make_table
-from pipeline.tables import UNKNOWN, write_embeddings, write_labels, write_retrieval
+from pipeline.neighbours import write_retrieval
+from pipeline.tables import UNKNOWN, table_stamp, write_embeddings, write_labels
 from stages.app import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,12 +234,13 @@ def embed_inputs(tmp_path_factory) -> dict[str, Path]:
     prepared = base / "samples.parquet"
     write_table(table, prepared, metadata={"source": "test", "class_names": ["a", "b", "c"],
                                            "num_classes": 3, "labels_are_clean": True,
-                                           "image_root": None})
+                                           "image_root": None}, fingerprint=True)
     params = base / "params.yaml"
     params.write_text(yaml.safe_dump({"embed": {"encoder": "pixels"}}))
-    single = base / "single.parquet"
+    single = base / "single" / "embeddings.parquet"
     res = CliRunner().invoke(app, ["embed", "--params", str(params), "--prepared",
-                                   str(prepared), "--out", str(single), "--device", "cpu",
+                                   str(prepared), "--out-dir", str(single.parent),
+                                   "--device", "cpu",
                                    "--no-progress", "--cache-dir", str(base / "cache1")])
     assert res.exit_code == 0, res.output
     return {"params": params, "prepared": prepared, "single": single}
@@ -246,7 +248,7 @@ def embed_inputs(tmp_path_factory) -> dict[str, Path]:
 
 def _embed_args(inputs: dict[str, Path], out: Path, cache: Path | None) -> list[str]:
     args = ["embed", "--params", str(inputs["params"]), "--prepared", str(inputs["prepared"]),
-            "--out", str(out), "--device", "cpu", "--no-progress", "--batch-size", "4",
+            "--out-dir", str(out.parent), "--device", "cpu", "--no-progress", "--batch-size", "4",
             "--chunk-rows", "8"]
     return args + (["--cache-dir", str(cache)] if cache is not None else [])
 
@@ -368,7 +370,8 @@ def train_inputs(tmp_path_factory) -> dict[str, Path]:
                     distribution=np.stack([(nb_labels == j).mean(1) for j in range(c)],
                                           axis=1).astype(np.float32),
                     agreement=(nb_labels == observed[:, None]).mean(1).astype(np.float32),
-                    is_train=is_train, metadata={"k": k})
+                    is_train=is_train, metadata={"k": k, "built_from": {
+                        "embeddings": table_stamp(emb), "labels": table_stamp(labels)}})
     params = base / "params.yaml"
     params.write_text(yaml.safe_dump(TRAIN_PARAMS))
     return {"params": params, "embeddings": emb, "labels": labels, "retrieval": retrieval}
@@ -401,7 +404,8 @@ def _train_rank(rank: int, inputs: dict[str, Path], out: str) -> None:
 
 
 def _train_data(inputs: dict[str, Path]):
-    from pipeline.tables import read_embeddings, read_labels, read_retrieval
+    from pipeline.neighbours import read_retrieval
+    from pipeline.tables import read_embeddings, read_labels
     from pipeline.training import TrainData
 
     emb, lab = read_embeddings(inputs["embeddings"]), read_labels(inputs["labels"])

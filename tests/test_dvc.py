@@ -22,6 +22,9 @@ import yaml
 from conftest import REPO, STAGES, hashes, run, small_params, temp_leftovers, write_params
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+# `validate` depends on the whole params.yaml and reruns on any edit of it; it writes
+# data/validated.json, which no other stage reads.
+DVC_STAGES = ("validate", *STAGES)
 
 # Which stage reads each params.yaml leaf: the spec a params change is checked against.
 OWNER = {"data": "prepare", "embed": "embed", "index.factory": "index",
@@ -134,7 +137,7 @@ def repo(tmp_path_factory) -> Repo:
 
 
 # --------------------------------------------------------------------------- static
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", DVC_STAGES)
 def test_stage_deps_exist_and_cover_imported_modules(stage):
     """A stage lists its own module and every library module it imports (directly or
     not), so a code change reruns the stages it can affect. errors.py holds exception
@@ -192,7 +195,8 @@ def test_every_params_leaf_is_tracked_by_its_reader_only():
 # --------------------------------------------------------------------------- dvc repro
 def test_repro_runs_every_stage_once_after_its_upstream(repo):
     ran = running(repo.first_repro)
-    assert sorted(ran) == sorted(STAGES), repo.first_repro
+    assert sorted(ran) == sorted(DVC_STAGES), repo.first_repro
+    assert ran[0] == "validate", ran
     for stage in STAGES:
         for up in upstream(stage):
             assert ran.index(up) < ran.index(stage), (up, stage)
@@ -242,7 +246,10 @@ def test_params_change_invalidates_only_the_stages_reading_it(repo):
     finally:
         repo.write_params(repo.params)
     reported: dict[str, set[str]] = {}
+    assert "validate" in status  # the whole file is its dep
     for stage, entries in status.items():
+        if stage == "validate":
+            continue
         for entry in entries:
             keys = entry.get("changed deps", {}).get("params.yaml", {})
             for key in keys:
@@ -261,7 +268,7 @@ def test_dry_run_after_retrieve_k_change_skips_upstream(repo):
         out = repo.dvc("repro", "--dry").stdout
     finally:
         repo.write_params(repo.params)
-    assert running(out) == ["retrieve"], out
+    assert running(out) == ["validate", "retrieve"], out
     for stage in ("prepare", "embed", "index", "noise"):
         assert f"Stage '{stage}' didn't change" in out
 
@@ -288,10 +295,28 @@ def test_plots_show_renders_declared_plots(repo, tmp_path):
     assert "val_accuracy_ema" in html and '"actual"' in html
 
 
+def test_untracked_mistyped_key_fails_the_repro(repo):
+    """`train.epochz` is tracked by no stage: only `validate` reruns, and it fails the
+    repro with one line naming the key; every output stays as it was."""
+    before = repo.output_hashes()
+    repo.write_params(small_params(train={"epochz": 20}))
+    try:
+        proc = repo.dvc("repro", check=False)
+    finally:
+        repo.write_params(repo.params)
+    assert proc.returncode != 0, proc.stdout
+    assert running(proc.stdout) == ["validate"], proc.stdout
+    assert "lra validate: error: train: unknown key(s) epochz" in proc.stderr + proc.stdout
+    assert repo.output_hashes() == before
+    repo.dvc("repro", "validate")  # back to the committed state
+    assert repo.status() == {}
+
+
 # Last: leaves the workspace on the experiment's results.
 def test_exp_run_reruns_noise_and_downstream_and_changes_metrics(repo):
     out = repo.dvc("exp", "run", "-S", "noise.rate=0.6").stdout
-    assert sorted(running(out)) == sorted(["noise", "retrieve", "train", "evaluate"]), out
+    assert sorted(running(out)) == sorted(["validate", "noise", "retrieve", "train",
+                                           "evaluate"]), out
     for stage in ("prepare", "embed", "index"):
         assert f"Stage '{stage}' didn't change" in out
     metrics = json.loads((repo.root / "data/evaluate/metrics.json").read_text())

@@ -94,6 +94,18 @@ def reference(table, tmp_path_factory) -> bytes:
                   enc.provenance())
 
 
+@pytest.fixture(scope="module")
+def stage_reference(table, tmp_path_factory) -> bytes:
+    """What `lra embed` writes: `reference` plus the prepared table's lineage stamp."""
+    from pipeline.lineage import table_fingerprint
+
+    enc = PixelEncoder()
+    vectors = enc.encode(table, root=None, runtime=RT)
+    stamp = {"fingerprint": table_fingerprint(table), "rows": table.num_rows}
+    return _write(tmp_path_factory.mktemp("ref") / "emb.parquet", table, vectors,
+                  {**enc.provenance(), "built_from": {"prepared": stamp}})
+
+
 def _chunk_files(root: Path) -> list[Path]:
     return sorted(root.glob("embed/*/rows-*.npy"))
 
@@ -284,7 +296,7 @@ def prepared(tmp_path, table) -> tuple[Path, Path]:
     path = tmp_path / "prepared" / "samples.parquet"
     write_table(table, path, metadata={"source": "test", "class_names": ["a", "b", "c"],
                                        "num_classes": 3, "labels_are_clean": True,
-                                       "image_root": None})
+                                       "image_root": None}, fingerprint=True)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"embed": {"encoder": "pixels"}}))
     return path, params
@@ -292,12 +304,13 @@ def prepared(tmp_path, table) -> tuple[Path, Path]:
 
 def _cli(params: Path, prepared: Path, out: Path, cache: Path, *extra: str):
     return CliRunner().invoke(app, [
-        "embed", "--params", str(params), "--prepared", str(prepared), "--out", str(out),
+        "embed", "--params", str(params), "--prepared", str(prepared), "--out-dir",
+        str(out.parent),
         "--device", "cpu", "--no-progress", "--cache-dir", str(cache), "--batch-size", "4",
         "--chunk-rows", "8", *extra])
 
 
-def test_stage_resumes_after_kill(prepared, reference, tmp_path, monkeypatch):
+def test_stage_resumes_after_kill(prepared, stage_reference, tmp_path, monkeypatch):
     path, params = prepared
     out, cache = tmp_path / "emb" / "embeddings.parquet", tmp_path / "cache"
     killed = CountingEncoder(fail_on=3)
@@ -312,19 +325,19 @@ def test_stage_resumes_after_kill(prepared, reference, tmp_path, monkeypatch):
     res = _cli(params, path, out, cache)
     assert res.exit_code == 0, res.output
     assert resumed.calls == [(16, 8), (24, 8), (32, 5)]
-    assert out.read_bytes() == reference
+    assert out.read_bytes() == stage_reference
     assert not cache.exists()  # cleared once the output is written (empty folders too)
 
 
-def test_stage_keep_cache_and_env(prepared, reference, tmp_path, monkeypatch):
+def test_stage_keep_cache_and_env(prepared, stage_reference, tmp_path, monkeypatch):
     path, params = prepared
     out, cache = tmp_path / "embeddings.parquet", tmp_path / "envcache"
     monkeypatch.setenv("LRA_CACHE_DIR", str(cache))
     monkeypatch.setenv("LRA_CHUNK_ROWS", "12")
     res = CliRunner().invoke(app, ["embed", "--params", str(params), "--prepared", str(path),
-                                   "--out", str(out), "--device", "cpu", "--no-progress",
-                                   "--keep-cache"])
+                                   "--out-dir", str(out.parent), "--device", "cpu",
+                                   "--no-progress", "--keep-cache"])
     assert res.exit_code == 0, res.output
-    assert out.read_bytes() == reference
+    assert out.read_bytes() == stage_reference
     # default batch size 256: chunks of 12 rows rounded up to 256 -> one chunk
     assert [p.name for p in _chunk_files(cache)] == ["rows-000000000000-000000000037.npy"]

@@ -145,7 +145,7 @@ def test_load_index_errors(tmp_path):
         load_index(tmp_path / "none.faiss")
     junk = tmp_path / "junk.faiss"
     junk.write_bytes(b"not an index")
-    with pytest.raises(ArtifactError, match="not a readable FAISS index"):
+    with pytest.raises(ArtifactError, match="FAISS index at .* is damaged"):
         load_index(junk)
 
 

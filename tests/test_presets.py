@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from pipeline.config import params_from_dict
@@ -62,12 +63,44 @@ def test_unknown_preset_is_a_config_error():
 def test_cli_apply_writes_a_valid_params_file(tmp_path):
     target = tmp_path / "params.yaml"
     target.write_text((ROOT / "params.yaml").read_text())
-    result = CliRunner().invoke(app, ["preset", "apply", "food101n", "--root", "/d/food",
+    food = tmp_path / "food"
+    food.mkdir()
+    result = CliRunner().invoke(app, ["preset", "apply", "food101n", "--root", str(food),
                                       "--params", str(target)])
     assert result.exit_code == 0, result.output
     written = params_from_dict(yaml.safe_load(target.read_text()))
-    assert written.data.source == "food101n" and written.data.root == "/d/food"
+    assert written.data.source == "food101n" and written.data.root == str(food)
     assert written.train.feature_dim == 1024
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_cli_apply_keeps_every_comment(tmp_path, name):
+    """Only the values change: every comment line and every trailing comment stays."""
+    original = (ROOT / "params.yaml").read_text()
+    target = tmp_path / "params.yaml"
+    target.write_text(original)
+    result = CliRunner().invoke(app, ["preset", "apply", name, "--root", str(tmp_path),
+                                      "--params", str(target)])
+    assert result.exit_code == 0, result.output
+    text = target.read_text()
+
+    def comments(t: str) -> list[str]:
+        return [line[line.index("#"):].strip() for line in t.splitlines() if "#" in line]
+
+    assert comments(text) == comments(original)
+    merged = apply_preset(yaml.safe_load(original), name, root=str(tmp_path))
+    assert yaml.safe_load(text) == merged
+
+
+def test_cli_apply_refuses_a_root_that_does_not_exist(tmp_path):
+    target = tmp_path / "params.yaml"
+    target.write_text((ROOT / "params.yaml").read_text())
+    before = target.read_bytes()
+    result = CliRunner().invoke(app, ["preset", "apply", "food101n", "--root", "/nonexistent",
+                                      "--params", str(target)])
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result.stderr, "preset", "/nonexistent", "no such file")
+    assert target.read_bytes() == before
 
 
 def test_cli_apply_unknown_preset_exits_2_and_leaves_file(tmp_path):

@@ -12,9 +12,10 @@ from pipeline.artifacts import embedding_array, write_table
 from pipeline.errors import ArtifactError
 from pipeline.images import encode_png
 from pipeline.sources import make_table
-from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_candidates,
-                             read_embeddings, read_labels, read_prepared, read_retrieval, write_embeddings,
-                             write_labels, write_retrieval)
+from pipeline.lineage import table_fingerprint
+from pipeline.neighbours import read_candidates, read_retrieval, write_retrieval
+from pipeline.tables import (UNKNOWN, check_same_samples, open_embeddings, read_embeddings,
+                             read_labels, read_prepared, write_embeddings, write_labels)
 
 SPLIT = np.array(["train", "train", "val", "train", "test", "train"], dtype=object)
 
@@ -34,7 +35,8 @@ def test_embeddings_round_trip(tmp_path):
     assert emb.vectors.dtype == np.float32 and emb.dim == 4
     np.testing.assert_array_equal(emb.sample_id, np.arange(6))
     assert emb.split.tolist() == SPLIT.tolist()
-    assert emb.meta == {"encoder": "pixels", "normalised": False, "dim": 4}
+    assert emb.meta == {"encoder": "pixels", "normalised": False, "dim": 4,
+                        "fingerprint": table_fingerprint(pq.read_table(path))}
     np.testing.assert_array_equal(emb.rows("train"), [0, 1, 3, 5])
     np.testing.assert_array_equal(emb.rows("test"), [4])
     assert emb.rows("nope").size == 0
@@ -200,7 +202,8 @@ def test_retrieval_round_trip_non_train_candidates_unknown(tmp_path):
     write_retrieval(path, **inputs)
     r = read_retrieval(path)
     _check_retrieval(r, inputs)
-    assert r.meta == {"k": 3, "factory": "Flat"}
+    assert r.meta == {"k": 3, "factory": "Flat",
+                      "fingerprint": table_fingerprint(pq.read_table(path))}
     raw = pq.read_table(path)
     assert raw.column("candidate_labels").null_count == 2
     agree = raw.column("own_label_agreement").to_pylist()
@@ -272,7 +275,7 @@ def test_open_embeddings_reads_rows_chunk_by_chunk(tmp_path):
                       "embedding": embedding_array(v)})
     write_table(table, path, metadata={"dim": 3}, row_group_rows=8)
     emb = tables.open_embeddings(path)
-    assert emb.dim == 3 and emb.meta == {"dim": 3} and emb.split.tolist() == split.tolist()
+    assert emb.dim == 3 and {k: v for k, v in emb.meta.items() if k != "fingerprint"} == {"dim": 3} and emb.split.tolist() == split.tolist()
     for rows in (None, emb.rows("train"), np.array([0, 7, 8, 49]), np.array([], np.int64)):
         want = v if rows is None else v[rows]
         np.testing.assert_array_equal(emb.read_rows(rows), want)

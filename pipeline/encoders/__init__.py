@@ -65,8 +65,11 @@ def iter_encode(encoder: Encoder, table: pa.Table, ranges: Sequence[tuple[int, i
     with tqdm(total=sum(b - a for a, b in ranges), unit="img", desc="embed",
               disable=not runtime.progress, dynamic_ncols=True) as bar:
         for start, stop in ranges:
-            yield encoder.encode(table.slice(start, stop - start), root=root, runtime=quiet)
+            vectors = encoder.encode(table.slice(start, stop - start), root=root, runtime=quiet)
+            # Before the yield: a caller that stops after the last range (zip) never
+            # resumes the generator, and the bar would end short (0/1797).
             bar.update(stop - start)
+            yield vectors
 
 
 def build_encoder(cfg: EmbedConfig) -> Encoder:
@@ -76,4 +79,7 @@ def build_encoder(cfg: EmbedConfig) -> Encoder:
         return PixelEncoder()
     from pipeline.encoders.clip import OpenClipEncoder
 
-    return OpenClipEncoder(model=cfg.model, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir)
+    encoder = OpenClipEncoder(model=cfg.model, pretrained=cfg.pretrained,
+                              cache_dir=cfg.cache_dir)
+    encoder.check()  # params first: nothing (the embedding cache) is created for bad ones
+    return encoder

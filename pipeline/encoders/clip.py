@@ -317,6 +317,37 @@ def _builtin_name(model: str) -> str:
     return name
 
 
+def _check_activation(model: str, name: str, pretrained: str, cfg: dict) -> None:
+    import open_clip
+
+    model_quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    tag_quick = bool(cfg.get("quick_gelu", False))
+    if model_quick != tag_quick:
+        other = name + "-quickgelu" if tag_quick else name.removesuffix("-quickgelu")
+        raise ConfigError(
+            f"embed: tag {pretrained!r} was trained with "
+            f"{'QuickGELU' if tag_quick else 'GELU'} but model {model!r} uses "
+            f"{'QuickGELU' if model_quick else 'GELU'}; use model {other!r}")
+
+
+def check_names(model: str, pretrained: str | None) -> None:
+    """The checks of `_resolve` that read no file and load nothing (model name, tag,
+    activation): run before a stage creates anything (the embedding cache)."""
+    import open_clip
+
+    for form in (model, pretrained):
+        if form and form.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+            return
+    name = _builtin_name(model)
+    if pretrained is None:
+        return
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if cfg:
+        _check_activation(model, name, pretrained, cfg)
+    elif not os.path.isfile(pretrained):
+        _check_pretrained_file_or_tag(name, pretrained)
+
+
 def _resolve(model: str, pretrained: str | None, cache_dir: str | None) -> _Source:
     """Map (model, pretrained) to local inputs for open_clip. Fails fast and offline-safe."""
     import open_clip
@@ -338,20 +369,21 @@ def _resolve(model: str, pretrained: str | None, cache_dir: str | None) -> _Sour
         return _Source(name)
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if cfg:
-        model_quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
-        tag_quick = bool(cfg.get("quick_gelu", False))
-        if model_quick != tag_quick:
-            other = name + "-quickgelu" if tag_quick else name.removesuffix("-quickgelu")
-            raise ConfigError(
-                f"embed: tag {pretrained!r} was trained with "
-                f"{'QuickGELU' if tag_quick else 'GELU'} but model {model!r} uses "
-                f"{'QuickGELU' if model_quick else 'GELU'}; use model {other!r}")
+        _check_activation(model, name, pretrained, cfg)
         checkpoint, trusted = _resolve_tag(name, pretrained, cfg, cache_dir)
         keys = ("mean", "std", "interpolation", "resize_mode")
         return _Source(name, checkpoint, {k: cfg[k] for k in keys if cfg.get(k) is not None},
                        trusted_archive=trusted)
     if os.path.isfile(pretrained):
         return _Source(name, pretrained)
+    _check_pretrained_file_or_tag(name, pretrained)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_pretrained_file_or_tag(name: str, pretrained: str) -> None:
+    """`pretrained` is neither a known tag nor an existing file: say which was meant."""
+    import open_clip
+
     if os.sep in pretrained or "/" in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES):
         raise ArtifactError(f"embed.pretrained: checkpoint file {pretrained} not found "
                             f"(cwd {os.getcwd()})")
@@ -442,6 +474,11 @@ class OpenClipEncoder:
         self._image_size: list[int] | None = None
         self._preprocess: dict[str, Any] = {}
         self._precision: str | None = None
+
+    def check(self) -> None:
+        """Fail now on a bad model name or a tag of the other activation (ConfigError),
+        before anything is loaded or created."""
+        check_names(self.model_name, self.pretrained)
 
     # ---- model
     def load(self, device: str = "cpu") -> None:

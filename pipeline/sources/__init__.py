@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import DataConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ConfigError
 
 PREPARED_SCHEMA = pa.schema([
     pa.field("sample_id", pa.int64(), nullable=False),
@@ -107,4 +107,9 @@ def load_source(cfg: DataConfig) -> PreparedDataset:
     if cfg.source not in loaders:
         raise ConfigError(f"data.source: {cfg.source!r} is not available; "
                           f"valid: {', '.join(sorted(loaders))}")
-    return loaders[cfg.source](cfg)
+    ds = loaders[cfg.source](cfg)
+    if ds.num_classes < 2:
+        raise ArtifactError(f"source {cfg.source}: the dataset has {ds.num_classes} class(es) "
+                            f"({', '.join(map(repr, ds.class_names)) or 'none'}); learning "
+                            "from noisy labels needs at least two")
+    return ds

@@ -2,7 +2,7 @@
 
 - Parallel work: `check_images` (PIL open + cheap full decode of every listed file) and
   `encode_pngs` (CIFAR pixels -> PNG bytes) split their input into ordered chunks and run
-  them in a `concurrent.futures.ProcessPoolExecutor` with `worker_count()` processes.
+  them in worker processes (`pipeline.sources.parallel`).
 - `finish`: drops unreadable / missing images (listed in the rejects table with a reason),
   optionally carves seeded stratified val / test splits out of train, renumbers
   sample_id 0..N-1 and assembles the PREPARED_SCHEMA table.
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +27,8 @@ from PIL import Image
 from pipeline.errors import ArtifactError
 from pipeline.images import encode_png
 from pipeline.sources import REJECTS_SCHEMA, PreparedDataset, make_table
+from pipeline.sources.parallel import (MAX_WORKERS, _chunk_bounds,  # noqa: F401
+                                       parallel_chunks, parallel_options, worker_count)
 from pipeline.splits import stratified_split
 
 log = logging.getLogger(__name__)
@@ -39,46 +39,6 @@ NO_LABEL = -1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif",
                     ".tiff", ".webp")
 """File suffixes (lower case) that directory-scanning sources treat as images."""
-
-MAX_WORKERS = 16
-CHUNKS_PER_WORKER = 4
-MAX_CHUNK = 1024
-
-
-# --------------------------------------------------------------------------- parallel
-
-
-def worker_count() -> int:
-    """Processes for parallel image work: usable CPUs, at most MAX_WORKERS."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_WORKERS))
-
-
-def _chunk_bounds(n: int, workers: int) -> list[tuple[int, int]]:
-    """[start, stop) bounds of ordered chunks: about CHUNKS_PER_WORKER per worker,
-    at most MAX_CHUNK items each (so progress is even and memory per task small)."""
-    if n == 0:
-        return []
-    size = max(1, min(MAX_CHUNK, -(-n // (workers * CHUNKS_PER_WORKER))))
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def parallel_chunks(fn: Callable[[Any], list], items: Any, n: int) -> list:
-    """Apply `fn` to ordered chunks `items[start:stop]` in worker processes; results are
-    concatenated in input order. `fn` must be a module-level function (picklable)."""
-    workers = worker_count()
-    bounds = _chunk_bounds(n, workers)
-    chunks = [items[a:b] for a, b in bounds]
-    if workers == 1 or len(chunks) <= 1:
-        parts = [fn(chunk) for chunk in chunks]
-    else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-            parts = list(pool.map(fn, chunks))
-    return [result for part in parts for result in part]
-
 
 def check_image(path: str) -> str | None:
     """None when the file at `path` is a decodable image, else a one-line reason.

@@ -8,6 +8,7 @@ import numpy as np
 from pipeline.config import DataConfig
 from pipeline.images import encode_png
 from pipeline.sources import PreparedDataset, make_table
+from pipeline.sources.parallel import progress_bar
 from pipeline.splits import stratified_split
 
 
@@ -20,7 +21,11 @@ def load(cfg: DataConfig) -> PreparedDataset:
     labels = digits.target.astype(np.int64)
     split = stratified_split(labels, val_fraction=cfg.val_fraction,
                              test_fraction=cfg.test_fraction, seed=cfg.seed)
-    table = make_table(split=split, label=labels, clean_label=labels,
-                       image=[encode_png(img) for img in pixels])
+    with progress_bar(len(pixels)) as bar:
+        images = []
+        for img in pixels:
+            images.append(encode_png(img))
+            bar.update()
+    table = make_table(split=split, label=labels, clean_label=labels, image=images)
     return PreparedDataset(table=table, class_names=[str(c) for c in range(10)],
                            labels_are_clean=True)

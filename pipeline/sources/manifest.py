@@ -24,8 +24,10 @@ all-null one, declares real noise: labels_are_clean=False and clean_label as giv
 
 Paths: the prepared `path` column keeps the manifest's paths, relative to the manifest's
 directory, which is what `pipeline.sources.files.image_root(cfg)` returns for this
-source. Rows keep the manifest order. A null path or label, or an unknown split value,
-is an ArtifactError (a malformed manifest); unreadable images are skipped and reported.
+source. Rows keep the manifest order. A null path or label, an unknown split value, a
+label column that mixes integers and class names, or a path listed twice with different
+labels is an ArtifactError (a malformed manifest); unreadable images are skipped and
+reported.
 """
 
 from __future__ import annotations
@@ -64,11 +66,48 @@ def _nonnull(col: pl.Series) -> pl.Series:
     return col.drop_nulls()
 
 
+_INTEGER = r"^\s*[+-]?[0-9]+\s*$"
+
+
+def _as_integers(col: pl.Series | None, path: Path) -> pl.Series | None:
+    """A string column of integer literals ("0", "11") as Int64; a column that mixes
+    them with class names ("dog" among 0..11) is refused: read as names, the integers
+    would be sorted as text ("0", "1", "10", ...) and every label silently remapped."""
+    if col is None or col.dtype != pl.String:
+        return col
+    values = col.drop_nulls()
+    is_int = values.str.contains(_INTEGER)
+    if len(values) == 0 or not is_int.any():
+        return col
+    if is_int.all():
+        return col.str.strip_chars().cast(pl.Int64)
+    name = values.filter(~is_int)[0]
+    number = values.filter(is_int)[0]
+    row = int((col == name).arg_true()[0]) + 1
+    raise ArtifactError(f"{SOURCE}: {path}: column {col.name} mixes integer class indices "
+                        f"({number!r}) and class names ({name!r} in data row {row}); use "
+                        "one kind for every row")
+
+
+def _check_duplicates(df: pl.DataFrame, path: Path) -> None:
+    """A path listed twice with two different labels: which one is the image's?"""
+    conflicts = (df.group_by("path", maintain_order=True)
+                 .agg(pl.col("label").n_unique().alias("labels"),
+                      pl.col("label").unique(maintain_order=True).alias("values"))
+                 .filter(pl.col("labels") > 1))
+    if len(conflicts):
+        first = conflicts.row(0, named=True)
+        shown = ", ".join(repr(v) for v in first["values"][:3])
+        raise ArtifactError(f"{SOURCE}: {path}: {len(conflicts)} image path(s) listed with "
+                            f"different labels, e.g. {first['path']!r} ({shown}); "
+                            "list each image once")
+
+
 def _labels(df: pl.DataFrame, path: Path) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """-> label (N,) int64, clean (N,) int64 with NO_LABEL for null (None if no column),
     class names."""
-    label = df["label"]
-    clean = df["clean_label"] if "clean_label" in df.columns else None
+    label = _as_integers(df["label"], path)
+    clean = _as_integers(df["clean_label"] if "clean_label" in df.columns else None, path)
     if clean is not None and clean.null_count() == len(clean):
         clean = pl.Series("clean_label", [None] * len(df), dtype=label.dtype)
     if label.dtype.is_integer():
@@ -113,6 +152,7 @@ def load(cfg: DataConfig) -> PreparedDataset:
         if nulls.any():
             row = int(nulls.arg_true()[0])
             raise ArtifactError(f"{SOURCE}: {path}: null {col} in data row {row + 1}")
+    _check_duplicates(df, path)
     label, clean, class_names = _labels(df, path)
 
     if "split" in df.columns:

@@ -290,3 +290,18 @@ def test_help_lists_the_new_commands():
     from stages.launch import COMMANDS
 
     assert {"predict", "export"} <= set(COMMANDS)
+
+
+def test_console_script_runs_export(pipeline_run, tmp_path):
+    """`lra export` through the installed script (stages.launch loads only it)."""
+    from conftest import VENV_BIN, run
+
+    d = pipeline_run.root / "data"
+    out = tmp_path / "m.parquet"
+    proc = run([str(VENV_BIN / "lra"), "export", "--policy", "drop", "--out", str(out),
+                "--prepared", str(d / "prepared/samples.parquet"),
+                "--labels", str(d / "labels/labels.parquet"),
+                "--issues", str(d / "evaluate/predictions.parquet")], tmp_path)
+    assert "lra export: drop:" in proc.stderr
+    assert len(pl.read_parquet(out)) == len(decisions(pipeline_run.root).filter(
+        ~pl.col("flagged")))

@@ -305,3 +305,22 @@ def test_console_script_runs_export(pipeline_run, tmp_path):
     assert "lra export: drop:" in proc.stderr
     assert len(pl.read_parquet(out)) == len(decisions(pipeline_run.root).filter(
         ~pl.col("flagged")))
+
+
+def test_encoder_is_rebuilt_from_the_embeddings_provenance():
+    from pipeline.encoders import build_encoder
+    from pipeline.encoders.clip import OpenClipEncoder
+    from pipeline.encoders.pixels import PixelEncoder
+    from pipeline.errors import ArtifactError
+    from pipeline.predict import encoder_config
+
+    clip = build_encoder(encoder_config(
+        {"encoder": "open_clip", "model": "ViT-B-32", "pretrained": "/w/b32.bin", "dim": 512},
+        weights_dir="/cache"))
+    assert isinstance(clip, OpenClipEncoder)  # constructing is cheap: nothing loaded
+    assert (clip.model_name, clip.pretrained, clip.cache_dir) == ("ViT-B-32", "/w/b32.bin",
+                                                                  "/cache")
+    assert isinstance(build_encoder(encoder_config({"encoder": "pixels", "dim": 64})),
+                      PixelEncoder)
+    with pytest.raises(ArtifactError, match="encoder 'mystery'"):
+        encoder_config({"encoder": "mystery"})

@@ -3,8 +3,10 @@ dvc.yaml, pipeline/ and stages/ and a reduced params.yaml (digits).
 
 One repository serves the whole module (`dvc repro` once, ~7 `lra` processes); the
 tests use `dvc status` where it answers the question without running anything. Tests
-that change the workspace put it back; the experiment test, which leaves the workspace
-on the experiment's results, is the last one.
+that change the workspace put it back; the experiment tests, which leave the workspace
+on the experiment's results, are the last ones. The repository uses the project's own
+.gitignore, so its commits hold exactly what a clone of the project holds (dvc.lock and
+the uncached metrics and plot files).
 """
 
 from __future__ import annotations
@@ -388,7 +390,7 @@ def test_interrupted_repro_keeps_the_last_good_outputs(repo, tmp_path):
     assert repo.status() == {}
 
 
-# Last: leaves the workspace on the experiment's results.
+# Last: these leave the workspace on the experiment's results.
 def test_exp_run_reruns_noise_and_downstream_and_changes_metrics(repo):
     out = repo.dvc("exp", "run", "-S", "noise.rate=0.6").stdout
     assert sorted(running(out)) == sorted(["noise", "retrieve", "train", "evaluate"]), out

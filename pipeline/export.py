@@ -152,6 +152,7 @@ def image_paths(prepared: Prepared, rows: np.ndarray, out: Path) -> list[str]:
 
     table = prepared.table
     paths = table.column("path").to_pylist()
+    sample_ids = table.column("sample_id").to_pylist()
     images = table.column("image")
     folder = out.parent / f"{out.stem}_images"
     root = Path(prepared.image_root) if prepared.image_root is not None else None
@@ -171,7 +172,7 @@ def image_paths(prepared: Prepared, rows: np.ndarray, out: Path) -> list[str]:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp",
                                             dir=out.parent))
-            name = f"{int(table.column('sample_id')[int(i)].as_py()):07d}.png"
+            name = f"{sample_ids[i]:07d}.png"
             (tmp / name).write_bytes(data)
             result.append(f"{folder.name}/{name}")
         if tmp is not None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts import atomic_path, read_table, write_table
+from pipeline.artifacts import atomic_path, write_table
 from pipeline.config import ENCODERS, EmbedConfig
 from pipeline.encoders import Encoder, RuntimeOptions, build_encoder, iter_encode
 from pipeline.errors import ArtifactError, ConfigError
@@ -219,12 +219,3 @@ def write_predictions(table: pa.Table, out: Path, *, metadata: dict[str, Any]) -
     else:
         write_table(table, out, metadata=metadata)
 
-
-def read_predictions(path: Path) -> pa.Table:
-    """A table written by `write_predictions` (for tests and callers)."""
-    if path.suffix.lower() == ".csv":
-        import pyarrow.csv as pacsv
-
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types=PREDICTION_SCHEMA))
-    return read_table(path, "predictions")[0]

@@ -3,7 +3,7 @@ it; the console script, stages.launch, loads only the command it runs)."""
 
 from __future__ import annotations
 
-from stages import (embed, evaluate, index, noise, prepare, preset, retrieve,  # noqa: F401
-                    train, validate)
+from stages import (embed, evaluate, export, index, noise, predict, prepare,  # noqa: F401
+                    preset, retrieve, train, validate)
 from stages.app import app  # noqa: F401
 

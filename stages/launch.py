@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = ("validate", "prepare", "embed", "index", "noise", "retrieve", "train", "evaluate",
-            "preset")
+            "preset", "predict", "export")
 
 
 def main() -> None:

@@ -3,23 +3,30 @@ dvc.yaml, pipeline/ and stages/ and a reduced params.yaml (digits).
 
 One repository serves the whole module (`dvc repro` once, ~7 `lra` processes); the
 tests use `dvc status` where it answers the question without running anything. Tests
-that change the workspace put it back; the experiment test, which leaves the workspace
-on the experiment's results, is the last one.
+that change the workspace put it back; the experiment tests, which leave the workspace
+on the experiment's results, are the last ones. The repository uses the project's own
+.gitignore, so its commits hold exactly what a clone of the project holds (dvc.lock and
+the uncached metrics and plot files).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, STAGES, hashes, run, small_params, temp_leftovers, write_params
+from conftest import (REPO, STAGES, hashes, run, small_params, subprocess_env, temp_leftovers,
+                      write_params)
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 # `validate` depends on the whole params.yaml and reruns on any edit of it; it writes
@@ -34,6 +41,19 @@ OWNER = {"data": "prepare", "embed": "embed", "index.factory": "index",
 
 def _declared(entries: list) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def uncached_outputs() -> list[str]:
+    """Every `cache: false` output (metrics, plot files): these live in git."""
+    out = []
+    for spec in DVC_YAML["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in spec.get(kind, []):
+                if isinstance(entry, dict):
+                    (path, opts), = entry.items()
+                    if opts and opts.get("cache") is False:
+                        out.append(path)
+    return out
 
 
 def stage_outputs(stage: str) -> list[str]:
@@ -119,7 +139,7 @@ def repo(tmp_path_factory) -> Repo:
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     params = small_params()
     write_params(root / "params.yaml", params)
-    (root / ".gitignore").write_text("__pycache__/\n/dvc_plots/\n")
+    shutil.copy2(REPO / ".gitignore", root / ".gitignore")  # the repository's own
     r = Repo(root, params, "")
     r.git("init", "-q")
     r.git("config", "user.name", "lra tests")
@@ -131,7 +151,7 @@ def repo(tmp_path_factory) -> Repo:
     r.git("add", "-A")
     r.git("commit", "-qm", "pipeline")
     r.first_repro = r.dvc("repro").stdout
-    r.git("add", "-A")  # dvc.lock, .gitignore files, the uncached metrics and plots
+    r.git("add", "-A")  # dvc.lock and the uncached metrics and plots (un-ignored)
     r.git("commit", "-qm", "baseline run")
     return r
 
@@ -295,6 +315,88 @@ def test_plots_show_renders_declared_plots(repo, tmp_path):
     assert "val_accuracy_ema" in html and '"actual"' in html
 
 
+def test_only_the_declared_plots_are_drawn(repo):
+    """No default plots of the plot files themselves (train_log.csv against a row
+    index, the confusion rows as a line): only the top-level definitions."""
+    shown = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
+    assert set(shown) == {"validation accuracy", "training loss", "test confusion matrix"}
+
+
+def test_metrics_and_plot_files_are_in_git_the_rest_is_ignored(repo):
+    """In the repository (and so in every clone) the uncached metrics and plot files
+    are committed, and the DVC-cached outputs and dvc_plots/ are git-ignored; the temp
+    repository, built with the same .gitignore, committed exactly the uncached ones."""
+    uncached = uncached_outputs()
+    assert set(uncached) >= {"data/evaluate/metrics.json", "data/model/train.json",
+                             "data/model/train_log.csv", "data/evaluate/confusion.csv"}
+    cached = [p for p in ALL_OUTPUTS if p not in uncached]
+    committed = set(repo.git("ls-files", "data").stdout.split())
+    assert committed == set(uncached)
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = run(["git", "check-ignore", *ALL_OUTPUTS, "dvc_plots/index.html"], REPO,
+                  check=False).stdout.split()
+    assert set(ignored) == set(cached) | {"dvc_plots/index.html"}
+    tracked = set(run(["git", "ls-files", "data"], REPO).stdout.split())
+    assert set(uncached) <= tracked
+
+
+def _assert_outputs_kept(repo, before: dict[str, str]) -> None:
+    missing = [p for p in ALL_OUTPUTS if not (repo.root / p).is_file()]
+    assert missing == [], f"outputs lost: {missing}"
+    assert repo.output_hashes() == before
+    assert temp_leftovers(repo.root / "data") == []
+
+
+def test_failed_repro_keeps_the_last_good_outputs(repo):
+    """A params change that makes train fail: DVC would delete train's outputs before
+    running it; `persist: true` keeps them (the stage replaces them atomically itself)."""
+    before = repo.output_hashes()
+    repo.write_params(small_params(train={"warmup_epochs": 10}))  # >= epochs: invalid
+    try:
+        proc = repo.dvc("repro", check=False)
+    finally:
+        repo.write_params(repo.params)
+    assert proc.returncode != 0
+    assert "warmup_epochs" in proc.stdout + proc.stderr
+    _assert_outputs_kept(repo, before)
+    assert repo.status() == {}
+
+
+def test_interrupted_repro_keeps_the_last_good_outputs(repo, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) in the middle of
+    training: every output is the last good one, and the pipeline is up to date again
+    once params.yaml is put back."""
+    before = repo.output_hashes()
+    repo.write_params(small_params(train={"seed": 1, "epochs": 400}))  # a long train
+    log = tmp_path / "repro.log"
+    try:
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo.root,
+                                    env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True, text=True)
+            try:
+                deadline = time.monotonic() + 300
+                while "Running stage 'train'" not in log.read_text():
+                    assert proc.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.2)
+                time.sleep(3)  # into training (torch imported, epochs running)
+                assert proc.poll() is None, "train ended before the interrupt:\n" + \
+                    log.read_text()
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait(timeout=120)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    finally:
+        repo.write_params(repo.params)
+    assert proc.returncode != 0, log.read_text()
+    _assert_outputs_kept(repo, before)
+    assert repo.status() == {}
+
+
 def test_untracked_mistyped_key_fails_the_repro(repo):
     """`train.epochz` is tracked by no stage: only `validate` reruns, and it fails the
     repro with one line naming the key; every output stays as it was."""
@@ -312,7 +414,8 @@ def test_untracked_mistyped_key_fails_the_repro(repo):
     assert repo.status() == {}
 
 
-# Last: leaves the workspace on the experiment's results.
+
+# Last: these leave the workspace on the experiment's results.
 def test_exp_run_reruns_noise_and_downstream_and_changes_metrics(repo):
     out = repo.dvc("exp", "run", "-S", "noise.rate=0.6").stdout
     assert sorted(running(out)) == sorted(["validate", "noise", "retrieve", "train",
@@ -328,3 +431,36 @@ def test_exp_run_reruns_noise_and_downstream_and_changes_metrics(repo):
     # More noise, worse labels: the noisy-label linear probe loses accuracy.
     probe = diff["data/evaluate/metrics.json"]["test_accuracy.noisy_linear"]
     assert probe["new"] < probe["old"]
+
+
+def test_readme_experiment_commands_compare_with_the_committed_baseline(repo):
+    """After the experiment above (the README's `dvc exp run -S noise.rate=0.6 && dvc
+    metrics diff`): the baseline comes from the commit, so every metric has a HEAD value
+    (no `-`), `dvc exp show` loads every revision (no `!`), `dvc params diff` shows
+    the change."""
+    text = repo.dvc("metrics", "diff", "--all").stdout
+    assert "noise.observed_rate" in text and "test_accuracy.lra_diffusion" in text
+    diff = json.loads(repo.dvc("metrics", "diff", "--all", "--json").stdout)
+    assert set(diff) == {p for p in uncached_outputs() if p.endswith(".json")}
+    for path, entries in diff.items():
+        for name, entry in entries.items():
+            if name.startswith("test_accuracy.") or name.endswith("_rate"):
+                assert entry["old"] is not None and entry["new"] is not None, (path, name)
+    shown = repo.dvc("exp", "show", "--no-pager", "--md")
+    assert "!" not in shown.stdout, shown.stdout
+    assert "failed to load" not in shown.stderr, shown.stderr
+    revisions = []
+    todo = json.loads(repo.dvc("exp", "show", "--json").stdout)
+    while todo:
+        rev = todo.pop()
+        revisions.append(rev)
+        todo += [r for e in rev.get("experiments") or [] for r in e.get("revs", [])]
+    assert len(revisions) >= 3  # workspace, the baseline commit, the experiment
+    for rev in revisions:
+        assert rev.get("error") is None and rev["data"].get("error") is None, rev
+        metrics = rev["data"]["metrics"]
+        assert set(metrics) == {p for p in uncached_outputs() if p.endswith(".json")}, rev
+        assert all(m.get("error") is None and m.get("data") for m in metrics.values()), rev
+    params = json.loads(repo.dvc("params", "diff", "--json").stdout)
+    rate = params["params.yaml"]["noise.rate"]
+    assert (rate["old"], rate["new"]) == (0.4, 0.6)

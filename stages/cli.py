@@ -3,6 +3,7 @@ it; the console script, stages.launch, loads only the command it runs)."""
 
 from __future__ import annotations
 
-from stages import embed, evaluate, index, noise, prepare, preset, retrieve, train  # noqa: F401
+from stages import (  # noqa: F401
+    embed, evaluate, index, noise, prepare, preset, report, retrieve, train)
 from stages.app import app  # noqa: F401
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = ("prepare", "embed", "index", "noise", "retrieve", "train", "evaluate", "preset")
+COMMANDS = ("prepare", "embed", "index", "noise", "retrieve", "train", "evaluate", "report",
+            "preset")
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ Per training sample:
                        k + 1 candidates (own label + k neighbours' labels) equal to
                        given_label, float32
     knn_vote           majority label of the k neighbours (evaluate's knn_vote), int64
-    label_score        in (0, 1), higher = the given label is more likely correct (as in
+    label_score        in [0, 1], higher = the given label is more likely correct (as in
                        cleanlab): the mean-start y_0's coordinate of the given label
                        through a logistic centred at 0.5 (the network is trained to
                        generate the one-hot label, so a correct label's coordinate is
@@ -68,7 +68,9 @@ def score_rows(emb: EmbeddingsFile, scorer: DiffusionScorer, *, rows: np.ndarray
     """Score the increasing row positions `rows` ((n,) int64) of the embeddings, streaming
     chunk_rows rows at a time; given: (N,) int64 labels of every row. The j-th selected
     row gets the stochastic starting noise of row position j (`first_row`), so the result
-    does not depend on chunk_rows. Needs scorer.samples >= 1."""
+    does not depend on chunk_rows (byte-identical from 37 rows per chunk up; chunks of a
+    few rows run other matrix kernels, whose y_0 can differ in the last bit). Needs
+    scorer.samples >= 1."""
     if scorer.samples < 1:
         raise ValueError(f"the scorer needs samples >= 1 for a vote, got {scorer.samples}")
     selected = np.zeros(len(emb.sample_id), dtype=bool)
@@ -94,12 +96,13 @@ def score_rows(emb: EmbeddingsFile, scorer: DiffusionScorer, *, rows: np.ndarray
 
 SCORE_SLOPE = 8.0
 """label_score = 1 / (1 + exp(-SCORE_SLOPE (y - 0.5))) of the given label's y_0
-coordinate y: 0.98 at y = 1 (the one-hot target), 0.02 at y = 0, strictly increasing,
-so the rank keeps every distinction of y (clipping to [0, 1] tied a third of the rows)."""
+coordinate y: 0.98 at y = 1 (the one-hot target), 0.02 at y = 0, increasing, so the
+rank keeps the distinctions of y that clipping to [0, 1] lost (it tied a third of the
+digits rows; the logistic ties none there). float32 rounds it to 1 above y ~ 2.6."""
 
 
 def label_score(given_score: np.ndarray) -> np.ndarray:
-    """(n,) float32 in (0, 1), higher = label more likely correct: a logistic squashing
+    """(n,) float32 in [0, 1], higher = label more likely correct: a logistic squashing
     of the mean-start y_0 coordinate of the given label (see SCORE_SLOPE)."""
     y = np.clip(np.asarray(given_score, dtype=np.float64), -10.0, 11.0)  # no overflow
     return (1.0 / (1.0 + np.exp(-SCORE_SLOPE * (y - 0.5)))).astype(np.float32)

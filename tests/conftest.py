@@ -33,13 +33,14 @@ from pipeline.presets import deep_merge
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # where `lra` and `dvc` are installed
 
-STAGES = ("prepare", "embed", "index", "noise", "retrieve", "train", "evaluate")
+STAGES = ("prepare", "embed", "index", "noise", "retrieve", "train", "evaluate", "report")
 
 # A reduced configuration of the default (digits) pipeline: seconds, not minutes.
 SMALL = {
     "data": {"source": "digits"},
     "train": {"epochs": 4, "feature_dim": 32, "eval_every": 2, "warmup_epochs": 1},
     "evaluate": {"linear_iters": 50},
+    "report": {"samples": 4, "gallery_items": 6, "gallery_neighbours": 5},
 }
 
 # Every artifact of the pipeline, relative to the working directory, as in dvc.yaml.
@@ -60,6 +61,9 @@ ARTIFACTS = {
     "predictions": "data/evaluate/predictions.parquet",
     "metrics": "data/evaluate/metrics.json",
     "confusion": "data/evaluate/confusion.csv",
+    "label_issues": "data/report/label_issues.parquet",
+    "report_json": "data/report/report.json",
+    "report_html": "data/report/index.html",
 }
 
 
@@ -196,6 +200,12 @@ def stage_args(stage: str, root: Path, params_path: Path) -> list[str]:
         "evaluate": ["--model", a["model"], "--embeddings", a["embeddings"],
                      "--labels", a["labels"], "--retrieval", a["neighbours"],
                      "--out-dir", d("metrics")],
+        "report": ["--model", a["model"], "--embeddings", a["embeddings"],
+                   "--labels", a["labels"], "--retrieval", a["neighbours"],
+                   "--predictions", a["predictions"], "--prepared", a["samples"],
+                   "--metrics", a["metrics"], "--train-log", a["train_log"],
+                   "--noise-summary", a["noise_json"],
+                   "--retrieval-summary", a["retrieval_json"], "--out-dir", d("report_json")],
     }[stage]
     return [stage, "--params", str(params_path), *paths]
 

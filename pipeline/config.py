@@ -205,12 +205,14 @@ class ReportConfig:
     """What a user takes home (`lra report`): the label issues table and the HTML report.
 
     `samples`: S stochastic DDIM trajectories per image from y_T ~ N(0, I), run as one
-    batch, for the vote and its confidence. 16 on the digits default: its flag found the
-    corrupted train labels with F1 0.978 in 3.5 s of one CPU core for 1,079 images; 32
-    reached F1 0.982 in 8 s, 8 only 0.91 (vote alone). `min_confidence`: a label is
-    flagged only when the vote share is at least this (0: whenever both the vote and the
-    mean-start prediction reject it). `gallery_items`: suspected issues shown in
-    index.html, each with its first `gallery_neighbours` retrieved neighbours."""
+    batch, for the vote and its confidence. Measured on the digits default (train + val,
+    1,438 images, one thread of a busy 2-core VM; F1 of the flag against the injected
+    corruptions): S = 4: F1 0.964, 1.9 s; 8: 0.972, 3.1 s; 16: 0.978, 5.2 s; 32: 0.981,
+    9.6 s. 16 is the default: most of the gain at half the cost of 32.
+    `min_confidence`: a label is flagged only when the vote share is at least this (0:
+    whenever both the vote and the mean-start prediction reject it). `gallery_items`:
+    suspected issues shown in index.html, each with its first `gallery_neighbours`
+    retrieved neighbours."""
 
     samples: int = 16
     min_confidence: float = 0.0

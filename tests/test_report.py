@@ -135,3 +135,26 @@ def test_missing_upstream_artifact_is_a_domain_error(run_copy, missing):
     assert result.exit_code == 1, result.output
     assert_one_line_error(result.stderr, "report", "missing")
     assert not any((run_copy.root / rel).exists() for rel in REPORT)
+
+
+def test_image_refs_and_images_of_a_path_source(tmp_path):
+    """Sources that read files: the reference is the path under the image root, and the
+    gallery decodes the file (a missing file gives None, not a failed stage)."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from pipeline.artifacts import write_table
+    from pipeline.report_io import image_refs, load_images
+
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "imgs" / "cat" / "a.jpg")
+    table = pa.table({"sample_id": pa.array([0, 1], pa.int64()),
+                      "image": pa.nulls(2, pa.binary()),
+                      "path": pa.array(["cat/a.jpg", "cat/missing.jpg"])})
+    path = tmp_path / "samples.parquet"
+    write_table(table, path, metadata={"image_root": str(tmp_path / "imgs"),
+                                       "source": "imagefolder"})
+    assert image_refs(path, np.array([1, 0])) == [str(tmp_path / "imgs" / "cat/missing.jpg"),
+                                                  str(tmp_path / "imgs" / "cat/a.jpg")]
+    images = load_images(path, [1, 0, 0])
+    assert images[0].size == (300, 200) and images[1] is None

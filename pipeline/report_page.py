@@ -99,7 +99,8 @@ class ReportInputs:
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
 max-width:1180px;padding:16px 24px;color:#222;background:#fff}
-h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.2em;margin:1.4em 0 .5em;border-bottom:1px solid #ddd}
+h1{font-size:1.6em;margin:.2em 0}
+h2{font-size:1.2em;margin:1.4em 0 .5em;border-bottom:1px solid #ddd}
 .facts{color:#555}table{border-collapse:collapse;font-size:.9em}
 th,td{padding:3px 8px;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .kv th{font-weight:normal;color:#555}.grid-2{display:flex;flex-wrap:wrap;gap:24px}
@@ -117,7 +118,8 @@ padding:8px;margin:8px 0}.issue .main{flex:0 0 auto;text-align:center;width:150p
 .suggested{color:#1b5e20;font-weight:bold}.meta{color:#666;font-size:.8em}
 .neighbours{display:flex;flex-wrap:wrap;gap:6px}.nb{text-align:center;font-size:.75em;width:60px}
 .nb.agree{color:#1b5e20;font-weight:bold}.nb.same{color:#b71c1c}.nb.other{color:#777}
-.flag{display:inline-block;background:#b71c1c;color:#fff;border-radius:3px;padding:0 4px;font-size:.75em}
+.flag{display:inline-block;background:#b71c1c;color:#fff;border-radius:3px;padding:0 4px;
+font-size:.75em}
 .note{color:#555;font-size:.85em;max-width:900px}
 """
 
@@ -156,8 +158,9 @@ def _curves(log: list[dict[str, float | None]]) -> str:
                              ("validation accuracy, EMA", "val_accuracy_ema"))
            if any(row.get(col) is not None for row in log)}
     loss = {"training loss": (epochs, [row.get("loss") for row in log])}
-    return (f'<div class="grid-2">{line_chart(acc, title="Validation accuracy", x_label="epoch", y_label="accuracy")}'
-            f'{line_chart(loss, title="Training loss", x_label="epoch", y_label="loss")}</div>')
+    charts = (line_chart(acc, title="Validation accuracy", x_label="epoch", y_label="accuracy"),
+              line_chart(loss, title="Training loss", x_label="epoch", y_label="loss"))
+    return f'<div class="grid-2">{"".join(charts)}</div>'
 
 
 def _issue_summary(issues: dict[str, Any]) -> str:

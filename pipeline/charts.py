@@ -35,7 +35,7 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float | None]]]
                height: int = 260) -> str:
     """An SVG line chart. series: name -> (x values, y values); None / NaN y values are
     gaps (points not drawn). Returns the <svg> element as a string."""
-    left, right, top, bottom = 56, 16, 28, 44
+    left, right, top, bottom = 56, 16, 42, 44
     points = {name: [(float(x), float(y)) for x, y in zip(xs, ys)
                      if y is not None and math.isfinite(float(y))]
               for name, (xs, ys) in series.items()}
@@ -69,12 +69,7 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float | None]]]
         parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle">'
                      f'{_fmt(t)}</text>')
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>')
-    parts.append(f'<rect x="{left + 4}" y="{top + 2}" width="{190 * len(points)}" '
-                 'height="14" class="legend"/>')
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 6}" text-anchor="middle">'
-                 f'{escape(x_label)}</text>')
-    parts.append(f'<text transform="translate(14 {top + ph / 2:.1f}) rotate(-90)" '
-                 f'text-anchor="middle">{escape(y_label)}</text>')
+    legend = []  # between the title and the plot
     for i, (name, pts) in enumerate(points.items()):
         colour = PALETTE[i % len(PALETTE)]
         if pts:
@@ -82,8 +77,9 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float | None]]]
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" '
                          'stroke-width="1.8"/>')
         lx = left + 10 + i * 190
-        parts.append(f'<rect x="{lx}" y="{top + 6}" width="12" height="3" fill="{colour}"/>'
-                     f'<text x="{lx + 16}" y="{top + 11}">{escape(name)}</text>')
+        legend.append(f'<rect x="{lx}" y="{top - 12}" width="12" height="3" fill="{colour}"/>'
+                      f'<text x="{lx + 16}" y="{top - 7}">{escape(name)}</text>')
+    parts += legend
     parts.append("</svg>")
     return "".join(parts)
 

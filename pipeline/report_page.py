@@ -107,7 +107,7 @@ th,td{padding:3px 8px;text-align:left}td.num{text-align:right;font-variant-numer
 .barcell{width:260px}.bar{height:12px;background:#1f77b4}
 tr.highlight th,tr.highlight td{font-weight:bold}tr.highlight .bar{background:#d62728}
 svg text{font-size:11px;fill:#333}svg .chart-title{font-size:13px;font-weight:bold}
-svg .grid{stroke:#e4e4e4}svg .frame{fill:none;stroke:#999}svg .legend{fill:#fff;opacity:.85}
+svg .grid{stroke:#e4e4e4}svg .frame{fill:none;stroke:#999}
 h3{font-size:.95em;margin:.6em 0 .3em}
 .confusion td{width:2.2em;height:1.6em;text-align:center;border:1px solid #eee;font-size:.85em}
 .confusion td.dark{color:#fff}.confusion th.col{font-weight:normal;text-align:center}

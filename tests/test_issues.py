@@ -110,7 +110,7 @@ def test_line_chart_covers_the_data_and_skips_gaps():
     points = re.search(r'points="([^"]+)"', svg).group(1).split()
     assert len(points) == 2  # the None and the NaN are gaps
     ys = [float(p.split(",")[1]) for p in points]
-    assert all(28 <= y <= 260 - 44 for y in ys)  # inside the plot frame
+    assert all(42 <= y <= 260 - 44 for y in ys)  # inside the plot frame
 
 
 def test_confusion_matrix_counts_and_escapes_class_names():

@@ -4,6 +4,6 @@ it; the console script, stages.launch, loads only the command it runs)."""
 from __future__ import annotations
 
 from stages import (embed, evaluate, export, index, noise, predict, prepare,  # noqa: F401
-                    preset, retrieve, train, validate)
+                    preset, report, retrieve, train, validate)
 from stages.app import app  # noqa: F401
 

@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = ("validate", "prepare", "embed", "index", "noise", "retrieve", "train", "evaluate",
-            "preset", "predict", "export")
+            "report", "preset", "predict", "export")
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from pipeline.presets import deep_merge
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # where `lra` and `dvc` are installed
 
-STAGES = ("prepare", "embed", "index", "noise", "retrieve", "train", "evaluate")
+STAGES = ("prepare", "embed", "index", "noise", "retrieve", "train", "evaluate", "report")
 
 # A reduced configuration of the default (digits) pipeline: seconds, not minutes, and
 # still a model that learns (0.9 test accuracy at 40 % symmetric noise, not chance).
@@ -42,6 +42,7 @@ SMALL = {
     "train": {"epochs": 30, "feature_dim": 64, "batch_size": 64, "eval_every": 5,
               "warmup_epochs": 1},
     "evaluate": {"linear_iters": 50},
+    "report": {"samples": 4, "gallery_items": 6, "gallery_neighbours": 5},
 }
 
 # Every artifact of the pipeline, relative to the working directory, as in dvc.yaml.
@@ -62,6 +63,9 @@ ARTIFACTS = {
     "predictions": "data/evaluate/predictions.parquet",
     "metrics": "data/evaluate/metrics.json",
     "confusion": "data/evaluate/confusion.csv",
+    "label_issues": "data/report/label_issues.parquet",
+    "report_json": "data/report/report.json",
+    "report_html": "data/report/index.html",
 }
 
 
@@ -198,6 +202,12 @@ def stage_args(stage: str, root: Path, params_path: Path) -> list[str]:
         "evaluate": ["--model", a["model"], "--embeddings", a["embeddings"],
                      "--labels", a["labels"], "--retrieval", a["neighbours"],
                      "--out-dir", d("metrics")],
+        "report": ["--model", a["model"], "--embeddings", a["embeddings"],
+                   "--labels", a["labels"], "--retrieval", a["neighbours"],
+                   "--predictions", a["predictions"], "--prepared", a["samples"],
+                   "--metrics", a["metrics"], "--train-log", a["train_log"],
+                   "--noise-summary", a["noise_json"],
+                   "--retrieval-summary", a["retrieval_json"], "--out-dir", d("report_json")],
     }[stage]
     return [stage, "--params", str(params_path), *paths]
 

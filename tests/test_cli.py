@@ -41,6 +41,7 @@ STAGE_OUTS = {
     "retrieve": ("neighbours", "retrieval_json"),
     "train": ("model", "train_json", "train_log"),
     "evaluate": ("predictions", "metrics", "confusion"),
+    "report": ("label_issues", "report_json", "report_html"),
 }
 
 

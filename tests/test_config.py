@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from pipeline.config import (ENCODERS, NOISE_KINDS, READOUTS, SOURCES, DataConfig,
-                             EvaluateConfig, IndexConfig, NoiseConfig, Params, RetrieveConfig,
-                             TrainConfig, as_dict, load_params, params_from_dict)
+                             EvaluateConfig, IndexConfig, NoiseConfig, Params, ReportConfig,
+                             RetrieveConfig, TrainConfig, as_dict, load_params, params_from_dict)
 from pipeline.errors import ConfigError, LraError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,3 +258,16 @@ def test_as_dict():
     assert d["epochs"] == 3 and d["warmup_epochs"] == 1
     assert set(d) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert TrainConfig(**d) == TrainConfig(epochs=3, warmup_epochs=1)
+
+
+def test_report_section_defaults_and_checks():
+    assert params_from_dict({}).report == ReportConfig()
+    assert ReportConfig().samples == 16 and ReportConfig().min_confidence == 0.0
+    p = params_from_dict({"report": {"samples": 32, "min_confidence": 1}})
+    assert p.report.samples == 32 and p.report.min_confidence == 1.0
+    for bad, needle in (({"samples": 0}, "report.samples"),
+                        ({"gallery_items": -1}, "report.gallery_items"),
+                        ({"min_confidence": 1.5}, "report.min_confidence"),
+                        ({"seed": 1}, "unknown key")):
+        with pytest.raises(ConfigError, match=needle):
+            params_from_dict({"report": bad})

@@ -36,7 +36,7 @@ DVC_STAGES = ("validate", *STAGES)
 # Which stage reads each params.yaml leaf: the spec a params change is checked against.
 OWNER = {"data": "prepare", "embed": "embed", "index.factory": "index",
          "index.search_params": "retrieve", "noise": "noise", "retrieve": "retrieve",
-         "train": "train", "evaluate": "evaluate"}
+         "train": "train", "evaluate": "evaluate", "report": "report"}
 
 
 def _declared(entries: list) -> list[str]:
@@ -276,8 +276,9 @@ def test_params_change_invalidates_only_the_stages_reading_it(repo):
                 reported.setdefault(key, set()).add(stage)
     assert reported == {key: {owner(key)} for key in leaves(repo.params)}
     assert downstream_closure({owner("noise.rate")}) == {"noise", "retrieve", "train",
-                                                          "evaluate"}
-    assert downstream_closure({owner("train.lr")}) == {"train", "evaluate"}
+                                                          "evaluate", "report"}
+    assert downstream_closure({owner("train.lr")}) == {"train", "evaluate", "report"}
+    assert downstream_closure({owner("report.samples")}) == {"report"}
     assert downstream_closure({owner("retrieve.k")}).isdisjoint({"prepare", "embed", "index"})
 
 
@@ -419,7 +420,7 @@ def test_untracked_mistyped_key_fails_the_repro(repo):
 def test_exp_run_reruns_noise_and_downstream_and_changes_metrics(repo):
     out = repo.dvc("exp", "run", "-S", "noise.rate=0.6").stdout
     assert sorted(running(out)) == sorted(["validate", "noise", "retrieve", "train",
-                                           "evaluate"]), out
+                                           "evaluate", "report"]), out
     for stage in ("prepare", "embed", "index"):
         assert f"Stage '{stage}' didn't change" in out
     metrics = json.loads((repo.root / "data/evaluate/metrics.json").read_text())

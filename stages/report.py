@@ -1,0 +1,48 @@
+"""`lra report`: what a user takes home -> data/report/ (label_issues.parquet, the ranked
+table of suspected wrong training labels; report.json, its summary and measured
+detection quality; index.html, a self-contained page to open in a browser)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from tqdm.auto import tqdm
+
+from pipeline.artifacts import StageWriter, write_json
+from pipeline.report import ReportPaths, build_report
+from pipeline.report_io import write_issues
+from stages.app import (DeviceOption, ParamsOption, ProgressOption, ThreadsOption, app,
+                        resolve_device, set_threads, stage)
+
+_D = ReportPaths()
+
+
+@app.command()
+def report(params: ParamsOption = Path("params.yaml"),
+           model: Path = _D.model, embeddings: Path = _D.embeddings, labels: Path = _D.labels,
+           retrieval: Path = _D.retrieval, predictions: Path = _D.predictions,
+           prepared: Path = _D.prepared, metrics: Path = _D.metrics,
+           train_log: Path = _D.train_log, noise_summary: Path = _D.noise,
+           retrieval_summary: Path = _D.retrieval_summary,
+           out_dir: Path = Path("data/report"), device: DeviceOption = "auto",
+           chunk_rows: Annotated[int, typer.Option(min=1, envvar="LRA_EVAL_CHUNK",
+                                                   help="Rows per inference chunk.")] = 4096,
+           threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
+    """Rank the training labels most likely wrong and write the HTML report."""
+    with stage("report", params) as p:
+        set_threads(threads)
+        dev = resolve_device(device)
+        paths = ReportPaths(model=model, embeddings=embeddings, labels=labels,
+                            retrieval=retrieval, predictions=predictions, prepared=prepared,
+                            metrics=metrics, train_log=train_log, noise=noise_summary,
+                            retrieval_summary=retrieval_summary)
+        with tqdm(unit="row", desc="report", disable=not progress, dynamic_ncols=True) as bar:
+            result = build_report(p.report, paths, device=dev, threads=threads,
+                                  chunk_rows=chunk_rows, progress=bar.update)
+        with StageWriter() as out:
+            write_issues(out.path(out_dir / "label_issues.parquet"), result.table,
+                         metadata=result.table_meta)
+            write_json(result.summary, out.path(out_dir / "report.json"))
+            out.path(out_dir / "index.html").write_text(result.html, encoding="utf-8")

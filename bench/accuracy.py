@@ -73,7 +73,7 @@ def run_cell(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict
     started = time.perf_counter()
     noise(params=pfile, prepared=space_dir / "prepared/samples.parquet", embeddings=emb,
           out_dir=work / "labels")
-    retrieve(params=pfile, index_path=space_dir / "index/train.faiss", embeddings=emb,
+    retrieve(params=pfile, index=space_dir / "index/train.faiss", embeddings=emb,
              labels=work / "labels/labels.parquet", out_dir=work / "retrieval",
              threads=threads)
     train(params=pfile, embeddings=emb, labels=work / "labels/labels.parquet",

@@ -50,7 +50,7 @@ def _prepare_and_embed(folder: Path, data: dict) -> None:
     pfile = _write_params(folder / "params.yaml", data)
     prepare(params=pfile, out_dir=folder / "prepared")
     embed(params=pfile, prepared=folder / "prepared/samples.parquet",
-          out=folder / "embeddings/embeddings.parquet", progress=False)
+          out_dir=folder / "embeddings", progress=False)
 
 
 def _index(folder: Path) -> None:

@@ -109,6 +109,9 @@ class NoiseConfig:
     kind: none | symmetric | asymmetric | pairflip | pmd | hybrid | file.
     `rate` is the flip rate for symmetric / asymmetric / pairflip, and for hybrid the
     rate of the noise (`hybrid_on_top`) applied on top of PMD labels.
+    `file`: the observed labels for kind file; for kind hybrid, when given, the PMD step's
+    labels (e.g. the authors' released noise_label/cifar10-1-0.35.npy) instead of PMD
+    from this project's linear probe.
     `asym_map`: pair (c -> c+1 mod C) | cifar10 | cifar100 | explicit "src:dst,src:dst".
     """
 

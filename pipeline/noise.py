@@ -63,8 +63,9 @@ _CIFAR10_MAP = {9: 1, 2: 0, 3: 5, 5: 3, 4: 7}
 
 # --------------------------------------------------------------------------- public API
 def needs_probe(cfg: NoiseConfig) -> bool:
-    """True when `make_noisy_labels` needs probe probabilities (kinds pmd and hybrid)."""
-    return cfg.kind in ("pmd", "hybrid")
+    """True when `make_noisy_labels` needs probe probabilities (pmd, and hybrid without
+    a noise file for its PMD step)."""
+    return cfg.kind == "pmd" or (cfg.kind == "hybrid" and not cfg.file)
 
 
 def make_noisy_labels(clean: np.ndarray, *, num_classes: int, cfg: NoiseConfig,
@@ -95,8 +96,13 @@ def make_noisy_labels(clean: np.ndarray, *, num_classes: int, cfg: NoiseConfig,
         dst = parse_asym_map("pair", num_classes)
         observed = asymmetric_noise(clean, dst=dst, rate=cfg.rate, rng=rng)
     elif cfg.kind in ("pmd", "hybrid"):
-        probs = _check_probs(probs, n, num_classes, kind=cfg.kind)
-        observed = pmd_noise(probs, pmd_type=cfg.pmd_type, factor=cfg.pmd_factor, rng=rng)
+        if cfg.kind == "hybrid" and cfg.file:  # the PMD step from a released label file
+            observed = read_noise_file(cfg.file, n=n, num_classes=num_classes,
+                                       sample_ids=sample_ids)
+        else:
+            probs = _check_probs(probs, n, num_classes, kind=cfg.kind)
+            observed = pmd_noise(probs, pmd_type=cfg.pmd_type, factor=cfg.pmd_factor,
+                                 rng=rng)
         if cfg.kind == "hybrid":
             logger.info("noise hybrid: PMD step rate %.4f", observed_rate(clean, observed))
             if cfg.hybrid_on_top == "symmetric":

@@ -46,11 +46,27 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_preset(current: dict[str, Any], name: str, *, root: str | None = None
-                 ) -> dict[str, Any]:
-    """Merge preset `name` (and data.root when given) onto `current`; validate."""
-    merged = deep_merge(current, load_preset(name)["params"])
+def preset_updates(name: str, *, root: str | None = None, noise_file: str | None = None
+                   ) -> dict[str, Any]:
+    """The keys `lra preset apply` sets: the preset's params, data.root, and with a
+    noise file (the authors' released labels) noise.file: kind pmd becomes kind file,
+    kind hybrid keeps its second noise and takes the file as its PMD step."""
+    updates = load_preset(name)["params"]
     if root is not None:
-        merged = deep_merge(merged, {"data": {"root": root}})
+        updates = deep_merge(updates, {"data": {"root": root}})
+    if noise_file is not None:
+        kind = updates.get("noise", {}).get("kind")
+        if kind not in ("pmd", "hybrid"):
+            raise ConfigError(f"--noise-file: preset {name!r} has noise.kind {kind!r}; a "
+                              "noise file replaces PMD labels (presets with pmd or hybrid)")
+        updates = deep_merge(updates, {"noise": {"file": noise_file,
+                                                 "kind": "file" if kind == "pmd" else kind}})
+    return updates
+
+
+def apply_preset(current: dict[str, Any], name: str, *, root: str | None = None,
+                 noise_file: str | None = None) -> dict[str, Any]:
+    """Merge preset `name` (see `preset_updates`) onto `current`; validate."""
+    merged = deep_merge(current, preset_updates(name, root=root, noise_file=noise_file))
     params_from_dict(merged)  # raises ConfigError naming the bad key
     return merged

@@ -12,7 +12,7 @@ import yaml
 from pipeline.artifacts import atomic_path
 from pipeline.config import read_yaml
 from pipeline.errors import ConfigError
-from pipeline.presets import apply_preset, deep_merge, load_preset, preset_names
+from pipeline.presets import apply_preset, load_preset, preset_names, preset_updates
 from pipeline.yaml_edit import set_leaves
 from stages.app import app, stage
 
@@ -27,9 +27,11 @@ def list_presets() -> None:
     """List presets with the accuracy the paper reports for each."""
     with stage("preset"):
         for name in preset_names():
-            reported = load_preset(name)["reported"].get("lra_diffusion")
+            info = load_preset(name)["reported"]
+            reported = info.get("lra_diffusion")
             shown = "n/a" if reported is None else f"{reported:.2f} %"
-            typer.echo(f"{name:<22} paper LRA-diffusion test accuracy: {shown}")
+            noise = f" (noise: {info['paper_noise']})" if info.get("paper_noise") else ""
+            typer.echo(f"{name:<22} paper LRA-diffusion test accuracy: {shown}{noise}")
 
 
 @preset_app.command("show")
@@ -44,7 +46,12 @@ def apply(name: str,
           root: Annotated[str | None, typer.Option(
               help="Dataset directory, or manifest file (data.root); must exist.")] = None,
           params: Annotated[Path, typer.Option("--params", help="params file to update.")]
-          = Path("params.yaml")) -> None:
+          = Path("params.yaml"),
+          noise_file: Annotated[str | None, typer.Option(
+              help="The authors' released noise labels for this setting (e.g. "
+                   "noise_label/cifar10-1-0.35.npy), used instead of PMD from this "
+                   "project's linear probe: the paper's numbers were measured on those "
+                   "files (see `lra preset list`).")] = None) -> None:
     """Merge a preset into params.yaml, keeping its comments."""
     with stage("preset"):
         if root is not None and not Path(root).exists():
@@ -52,9 +59,10 @@ def apply(name: str,
                               "directory (or the manifest file)")
         text = params.read_text() if params.exists() else ""
         current = read_yaml(text) if text else {}
-        merged = apply_preset(current or {}, name, root=root)
-        updates = deep_merge(load_preset(name)["params"],
-                             {"data": {"root": root}} if root is not None else {})
+        if noise_file is not None and not Path(noise_file).is_file():
+            raise ConfigError(f"--noise-file {noise_file}: no such file")
+        merged = apply_preset(current or {}, name, root=root, noise_file=noise_file)
+        updates = preset_updates(name, root=root, noise_file=noise_file)
         try:
             new_text = set_leaves(text, updates, parse=read_yaml)
         except ValueError as exc:  # a layout the line editor does not handle

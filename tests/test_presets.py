@@ -109,3 +109,42 @@ def test_cli_apply_unknown_preset_exits_2_and_leaves_file(tmp_path):
     result = CliRunner().invoke(app, ["preset", "apply", "nope", "--params", str(target)])
     assert result.exit_code == 2
     assert target.read_text() == "data:\n  source: digits\n"
+
+
+def test_noise_file_replaces_the_pmd_step(tmp_path):
+    """--noise-file: pmd presets read the released labels (kind file); hybrid presets
+    keep their second noise and take the file as the PMD step."""
+    from pipeline.presets import apply_preset
+
+    pmd = apply_preset({}, "cifar10-pmd35", root=str(tmp_path),
+                       noise_file="noise_label/cifar10-1-0.35.npy")
+    assert pmd["noise"]["kind"] == "file"
+    assert pmd["noise"]["file"] == "noise_label/cifar10-1-0.35.npy"
+    hybrid = apply_preset({}, "cifar10-pmd35-u30", root=str(tmp_path), noise_file="labels.npy")
+    assert (hybrid["noise"]["kind"], hybrid["noise"]["file"]) == ("hybrid", "labels.npy")
+    with pytest.raises(ConfigError, match="noise-file"):
+        apply_preset({}, "food101n", root=str(tmp_path), noise_file="labels.npy")
+
+
+def test_hybrid_with_a_noise_file_takes_it_as_the_pmd_step(tmp_path):
+    import numpy as np
+
+    from pipeline.config import NoiseConfig
+    from pipeline.noise import make_noisy_labels, needs_probe
+
+    clean = np.arange(200) % 10
+    pmd_step = (clean + 1) % 10  # every label changed by the "file"
+    np.save(tmp_path / "pmd.npy", pmd_step)
+    cfg = NoiseConfig(kind="hybrid", rate=0.3, file=str(tmp_path / "pmd.npy"))
+    assert not needs_probe(cfg)
+    out = make_noisy_labels(clean, num_classes=10, cfg=cfg, sample_ids=np.arange(200))
+    assert (out != pmd_step).sum() == 60  # exactly 30 % of the file's labels flipped again
+
+
+def test_preset_list_says_which_noise_the_paper_used():
+    from conftest import invoke
+
+    result = invoke(["preset", "list"])
+    assert result.exit_code == 0
+    line = next(x for x in result.stdout.splitlines() if x.startswith("cifar10-pmd35 "))
+    assert "noise_label/cifar10-1-0.35.npy" in line

@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.report import ReportPaths, build_report
 from pipeline.report_io import write_issues
-from stages.app import (DeviceOption, ParamsOption, ProgressOption, ThreadsOption, app,
+from stages.app import (DeviceOption, EmbeddingsOption, LabelsOption, ModelOption,
+                        OutDirOption, ParamsOption, PreparedOption, ProgressOption,
+                        RetrievalOption, ThreadsOption, app,
                         resolve_device, set_threads, stage)
 
 _D = ReportPaths()
@@ -21,14 +23,25 @@ _D = ReportPaths()
 
 @app.command()
 def report(params: ParamsOption = Path("params.yaml"),
-           model: Path = _D.model, embeddings: Path = _D.embeddings, labels: Path = _D.labels,
-           retrieval: Path = _D.retrieval, predictions: Path = _D.predictions,
-           prepared: Path = _D.prepared, metrics: Path = _D.metrics,
-           train_log: Path = _D.train_log, noise_summary: Path = _D.noise,
-           retrieval_summary: Path = _D.retrieval_summary,
-           out_dir: Path = Path("data/report"), device: DeviceOption = "auto",
-           chunk_rows: Annotated[int, typer.Option(min=1, envvar="LRA_EVAL_CHUNK",
-                                                   help="Rows per inference chunk.")] = 4096,
+           model: ModelOption = _D.model, embeddings: EmbeddingsOption = _D.embeddings,
+           labels: LabelsOption = _D.labels, retrieval: RetrievalOption = _D.retrieval,
+           predictions: Annotated[Path, typer.Option(
+               help="Predictions table (lra evaluate): data/evaluate/predictions.parquet.")
+           ] = _D.predictions,
+           prepared: PreparedOption = _D.prepared,
+           metrics: Annotated[Path, typer.Option(
+               help="Metrics (lra evaluate): data/evaluate/metrics.json.")] = _D.metrics,
+           train_log: Annotated[Path, typer.Option(
+               help="Training log (lra train): data/model/train_log.csv.")] = _D.train_log,
+           noise_summary: Annotated[Path, typer.Option(
+               help="Noise summary (lra noise): data/labels/noise.json.")] = _D.noise,
+           retrieval_summary: Annotated[Path, typer.Option(
+               help="Retrieval summary (lra retrieve): data/retrieval/retrieval.json.")
+           ] = _D.retrieval_summary,
+           out_dir: OutDirOption = Path("data/report"), device: DeviceOption = "auto",
+           chunk_rows: Annotated[int, typer.Option(
+               min=1, envvar="LRA_CHUNK_ROWS",
+               help="Rows per inference chunk; changes memory, never the output.")] = 4096,
            threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
     """Rank the training labels most likely wrong and write the HTML report."""
     with stage("report", params) as p:

@@ -353,7 +353,7 @@ def test_failed_repro_keeps_the_last_good_outputs(repo):
     """A params change that makes train fail: DVC would delete train's outputs before
     running it; `persist: true` keeps them (the stage replaces them atomically itself)."""
     before = repo.output_hashes()
-    repo.write_params(small_params(train={"warmup_epochs": 10}))  # >= epochs: invalid
+    repo.write_params(small_params(train={"warmup_epochs": 1000}))  # >= epochs: invalid
     try:
         proc = repo.dvc("repro", check=False)
     finally:

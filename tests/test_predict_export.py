@@ -307,18 +307,20 @@ def test_console_script_runs_export(pipeline_run, tmp_path):
         ~pl.col("flagged")))
 
 
-def test_encoder_is_rebuilt_from_the_embeddings_provenance():
+def test_encoder_is_rebuilt_from_the_embeddings_provenance(tmp_path):
     from pipeline.encoders import build_encoder
     from pipeline.encoders.clip import OpenClipEncoder
     from pipeline.encoders.pixels import PixelEncoder
     from pipeline.errors import ArtifactError
     from pipeline.predict import encoder_config
 
+    weights = tmp_path / "b32.bin"  # build_encoder checks that a local checkpoint exists
+    weights.write_bytes(b"")
     clip = build_encoder(encoder_config(
-        {"encoder": "open_clip", "model": "ViT-B-32", "pretrained": "/w/b32.bin", "dim": 512},
+        {"encoder": "open_clip", "model": "ViT-B-32", "pretrained": str(weights), "dim": 512},
         weights_dir="/cache"))
     assert isinstance(clip, OpenClipEncoder)  # constructing is cheap: nothing loaded
-    assert (clip.model_name, clip.pretrained, clip.cache_dir) == ("ViT-B-32", "/w/b32.bin",
+    assert (clip.model_name, clip.pretrained, clip.cache_dir) == ("ViT-B-32", str(weights),
                                                                   "/cache")
     assert isinstance(build_encoder(encoder_config({"encoder": "pixels", "dim": 64})),
                       PixelEncoder)

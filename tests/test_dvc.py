@@ -369,7 +369,7 @@ def test_interrupted_repro_keeps_the_last_good_outputs(repo, tmp_path):
     training: every output is the last good one, and the pipeline is up to date again
     once params.yaml is put back."""
     before = repo.output_hashes()
-    repo.write_params(small_params(train={"seed": 1, "epochs": 400}))  # a long train
+    repo.write_params(small_params(train={"seed": 1, "epochs": 20000}))  # a long train
     log = tmp_path / "repro.log"
     try:
         with open(log, "w") as f:

@@ -1,0 +1,38 @@
+"""bench/label_issues.py's metric function on a hand-made example (no cleanlab needed)."""
+
+import numpy as np
+import pytest
+
+from bench.label_issues import auroc, detection_metrics
+
+
+def test_detection_metrics_hand_example_with_ties():
+    corrupted = np.array([True, False, True, False, True, False])
+    flag = np.array([True, True, False, False, True, False])
+    score = np.array([0.9, 0.5, 0.5, 0.1, 0.5, 0.5])
+    m = detection_metrics(flag, score, corrupted)
+    # tp = 2 of 3 flagged, of 3 corrupted
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert (m["flagged"], m["true_positives"], m["corrupted"]) == (3, 2, 3)
+    # 9 (positive, negative) pairs: 0.9 beats all 3; each 0.5 positive beats 0.1 and ties
+    # the two 0.5 negatives (1/2 each): 3 + 2 + 2 = 7
+    assert m["auroc"] == pytest.approx(7 / 9)
+
+
+def test_auroc_extremes_and_missing_class():
+    positive = np.array([False, True, False, True])
+    assert auroc(np.array([0.0, 1.0, 0.0, 1.0]), positive) == 1.0
+    assert auroc(np.array([1.0, 0.0, 1.0, 0.0]), positive) == 0.0
+    assert auroc(np.full(4, 0.3), positive) == 0.5          # all tied
+    assert auroc(np.arange(4.0), np.zeros(4, dtype=bool)) is None
+
+
+def test_detection_metrics_empty_flag_and_shape_check():
+    m = detection_metrics(np.zeros(3, dtype=bool), np.arange(3.0),
+                          np.array([True, False, False]))
+    assert m["precision"] is None and m["recall"] == 0.0 and m["f1"] is None
+    assert m["auroc"] == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        detection_metrics(np.zeros(3, dtype=bool), np.zeros(2), np.zeros(3, dtype=bool))

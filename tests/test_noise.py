@@ -55,10 +55,13 @@ def test_none_returns_clean_copy():
 
 
 def test_needs_probe_only_for_pmd_and_hybrid():
-    kinds = {k: needs_probe(NoiseConfig(kind=k, file="x.npy"))
+    kinds = {k: needs_probe(NoiseConfig(kind=k))
              for k in ("none", "symmetric", "asymmetric", "pairflip", "pmd", "hybrid", "file")}
     assert kinds == {"none": False, "symmetric": False, "asymmetric": False,
                      "pairflip": False, "pmd": True, "hybrid": True, "file": False}
+    # A hybrid whose PMD step comes from a noise file needs no probe.
+    assert not needs_probe(NoiseConfig(kind="hybrid", file="x.npy"))
+    assert needs_probe(NoiseConfig(kind="pmd", file="x.npy"))
 
 
 # --------------------------------------------------------------------------- symmetric

@@ -55,7 +55,7 @@ def test_none_returns_clean_copy():
 
 
 def test_needs_probe_only_for_pmd_and_hybrid():
-    kinds = {k: needs_probe(NoiseConfig(kind=k))
+    kinds = {k: needs_probe(NoiseConfig(kind=k, file="x.npy" if k == "file" else None))
              for k in ("none", "symmetric", "asymmetric", "pairflip", "pmd", "hybrid", "file")}
     assert kinds == {"none": False, "symmetric": False, "asymmetric": False,
                      "pairflip": False, "pmd": True, "hybrid": True, "file": False}

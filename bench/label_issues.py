@@ -34,28 +34,12 @@ import numpy as np
 import yaml
 
 from bench.accuracy import NOISES, cell_params, load_results, params_key, save_results
+from pipeline.issues import auroc  # the report's own AUROC: one definition
 
 RESULTS = Path("bench/results/label_issues.json")
 SPACE = "digits64"
 METHODS = ("lra_report", "cleanlab")
 CV_FOLDS = 5
-
-
-def auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
-    """Area under the ROC curve of `score` ((n,), higher = more likely positive) against
-    the boolean `positive` ((n,)): the probability that a random positive outscores a
-    random negative, ties counting one half (Mann-Whitney U with mid-ranks). None unless
-    both classes are present."""
-    score = np.asarray(score, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(score, kind="stable")
-    _, first, counts = np.unique(score[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(score), dtype=np.float64)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based mid-ranks
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def detection_metrics(flag: np.ndarray, issue_score: np.ndarray, corrupted: np.ndarray

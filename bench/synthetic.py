@@ -24,8 +24,9 @@ label ~98 % of the time; HNSW32 reaches recall@10 ~0.99 at efSearch 64 on 20,000
 With a = b = 0.15 the classes overlap (purity 0.57); with a = b = 0.8 they never do.
 Even overlapping classes stay linearly separable in 768 dimensions (a clean linear probe
 scores 100 % at a = 0.07), so `blend` adds a Bayes error instead: that fraction of rows
-sit between their own sub-cluster and another class's. blend = 0.5 (the accuracy
-benchmark's setting): clean linear probe 96.8 %, 10-NN purity 0.63 (10,000 rows).
+sit between their own sub-cluster and another class's. blend = 0.5: clean linear probe
+96.8 % at a fixed L2 of 1e-4, 10-NN purity 0.63 (10,000 rows); the accuracy benchmark
+uses 0.65, where the validation-selected probe scores 97.1 % (10,000) and 97.4 % (45,000).
 
 Labels: clean label = class (uniform); observed label = clean label flipped to one of the
 other C - 1 classes with probability `noise_rate` (symmetric noise, METHOD.md section 8).

@@ -168,6 +168,20 @@ def write_table(table: pa.Table, path: str | Path, *, metadata: dict[str, Any] |
         pq.write_table(table, tmp, row_group_size=row_group_rows, **_PARQUET_OPTIONS)
 
 
+def write_table_or_csv(table: pa.Table, path: str | Path, *,
+                       metadata: dict[str, Any] | None = None) -> None:
+    """A user-facing table: CSV when `path` ends in .csv (no metadata), else Parquet
+    with `metadata` (`write_table`); atomic either way."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        import pyarrow.csv as pacsv
+
+        with atomic_path(path) as tmp:
+            pacsv.write_csv(table, tmp)
+    else:
+        write_table(table, path, metadata=metadata)
+
+
 class TableStream:
     """Write a Parquet table chunk by chunk, holding at most one row group in memory.
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts import atomic_path, read_table, write_table
+from pipeline.artifacts import read_table, write_table_or_csv
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.tables import UNKNOWN, Labels, Prepared
 
@@ -210,10 +210,4 @@ def check_out(out: Path) -> None:
 def write_manifest(table: pa.Table, out: Path, *, metadata: dict) -> None:
     """CSV or Parquet by the suffix, atomically."""
     check_out(out)
-    if out.suffix.lower() == ".csv":
-        import pyarrow.csv as pacsv
-
-        with atomic_path(out) as tmp:
-            pacsv.write_csv(table, tmp)
-    else:
-        write_table(table, out, metadata=metadata)
+    write_table_or_csv(table, out, metadata=metadata)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts import atomic_path, write_table
+from pipeline.artifacts import write_table_or_csv
 from pipeline.config import ENCODERS, EmbedConfig
 from pipeline.encoders import Encoder, RuntimeOptions, build_encoder, iter_encode
 from pipeline.errors import ArtifactError, ConfigError
@@ -211,11 +211,5 @@ def check_out_suffix(out: Path) -> None:
 def write_predictions(table: pa.Table, out: Path, *, metadata: dict[str, Any]) -> None:
     """Parquet (.parquet / .pq, with `metadata`) or CSV (.csv) by the suffix; atomic."""
     check_out_suffix(out)
-    if out.suffix.lower() == ".csv":
-        import pyarrow.csv as pacsv
-
-        with atomic_path(out) as tmp:
-            pacsv.write_csv(table, tmp)
-    else:
-        write_table(table, out, metadata=metadata)
+    write_table_or_csv(table, out, metadata=metadata)
 

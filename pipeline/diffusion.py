@@ -62,30 +62,41 @@ def q_sample(y0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.T
 
 @torch.inference_mode()
 def ddim_sample(model: nn.Module, features: torch.Tensor, *, abar: torch.Tensor,
-                timesteps: np.ndarray, num_classes: int, y_start: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                timesteps: np.ndarray, num_classes: int, y_start: torch.Tensor | None = None,
+                repeats: int = 1) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from y_T to y_0, conditioned on `features`.
 
     features: (N, D) float32; abar: (T,) float32; timesteps: ascending DDIM steps.
-    y_start: (N, C) starting point; None means the prior mean 0 (the paper's
-    "mean-start" trajectory). Returns y_0: (N, C) float32 label-space scores.
+    repeats: trajectories per image, run as rows i * repeats .. (i + 1) * repeats - 1.
+    y_start: (N * repeats, C) starting points; None means the prior mean 0 (the paper's
+    "mean-start" trajectory). Returns y_0: (N * repeats, C) float32 label-space scores.
     """
-    n = features.shape[0]
+    n = features.shape[0] * repeats
     y = (torch.zeros(n, num_classes, device=features.device, dtype=features.dtype)
          if y_start is None else y_start)
     steps = [int(t) for t in timesteps[::-1]]
-    # The features-only part of the network is the same at every step: compute it once
-    # (models without that split, e.g. test doubles, run whole at each step).
+    # The features-only part of the network is the same at every step and for every
+    # trajectory of an image: compute it once per image. In eval mode each step's layers
+    # run with gamma_t and BatchNorm folded into the weights (`folded_step`). Models
+    # without that split (test doubles) run whole at each step.
     if hasattr(model, "condition"):
         cond = model.condition(features)
-        predict = lambda y_t, t_b: model.forward_conditioned(y_t, t_b, cond)  # noqa: E731
+        if repeats > 1:
+            cond = tuple(c.repeat_interleave(repeats, dim=0) for c in cond)
+        if not model.training:
+            predict = lambda y_t, t: model.forward_folded(  # noqa: E731
+                y_t, cond, model.folded_step(t))
+        else:
+            predict = lambda y_t, t: model.forward_conditioned(  # noqa: E731
+                y_t, torch.full((n,), t, dtype=torch.long, device=y_t.device), cond)
     else:
-        predict = lambda y_t, t_b: model(y_t, t_b, features)  # noqa: E731
+        whole = features.repeat_interleave(repeats, dim=0) if repeats > 1 else features
+        predict = lambda y_t, t: model(  # noqa: E731
+            y_t, torch.full((n,), t, dtype=torch.long, device=y_t.device), whole)
     for i, t in enumerate(steps):
         a_t = abar[t]
         a_prev = abar[steps[i + 1]] if i + 1 < len(steps) else abar.new_tensor(1.0)
-        t_batch = torch.full((n,), t, dtype=torch.long, device=features.device)
-        eps = predict(y, t_batch)  # (N, C)
+        eps = predict(y, t)  # (N * repeats, C)
         y0_hat = (y - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         y = a_prev.sqrt() * y0_hat + (1 - a_prev).sqrt() * eps
     return y

@@ -14,17 +14,31 @@ from pipeline.diffusion import (alphas_cumprod, cosine_betas, ddim_sample, ddim_
 from pipeline.features import FeatureNormalizer
 
 
+STEP_BATCH_ROWS = 1024
+"""Trajectories per batch through the DDIM steps. A (1024, 512) float32 activation is
+2 MiB, so a step's layers reuse it from cache; at 4,096 rows the same stochastic
+sampling ran at 0.35-0.43 of the matmul limit instead of 0.50 (CIFAR width, one
+thread, `bench --stages sample`). CPU only: a GPU wants the whole chunk at once."""
+
+
+def step_batch(features: torch.Tensor, chunk_rows: int) -> int:
+    """Rows of trajectories per ddim_sample call for features on their device."""
+    cap = STEP_BATCH_ROWS if features.device.type == "cpu" else chunk_rows
+    return max(1, min(chunk_rows, cap))
+
+
 def predict_scores(model: nn.Module, features: torch.Tensor, *, abar: torch.Tensor,
                    timesteps: np.ndarray, num_classes: int, chunk_rows: int = 16_384
                    ) -> torch.Tensor:
     """Mean-start DDIM y_0 scores for every row. features: (N, D) float32 on the model's
-    device. Chunked so memory does not grow with N. Returns (N, C) float32."""
+    device. Batched (`step_batch` rows at a time) so memory does not grow with N. Returns (N, C) float32."""
     was_training = model.training
     model.eval()
+    batch = step_batch(features, chunk_rows)
     try:
-        parts = [ddim_sample(model, features[i:i + chunk_rows], abar=abar, timesteps=timesteps,
+        parts = [ddim_sample(model, features[i:i + batch], abar=abar, timesteps=timesteps,
                              num_classes=num_classes)
-                 for i in range(0, features.shape[0], chunk_rows)]
+                 for i in range(0, features.shape[0], batch)]
     finally:
         model.train(was_training)
     return torch.cat(parts) if parts else features.new_zeros((0, num_classes))
@@ -62,20 +76,20 @@ def stochastic_vote(model: nn.Module, features: torch.Tensor, *, abar: torch.Ten
     features: (N, D), the rows first_row .. first_row + N - 1 of the dataset (the row
     numbers pick the starting noise, so chunked calls agree with one call).
     Returns (vote (N,) int64, confidence (N,) float32 = fraction of samples agreeing).
-    All samples of a chunk run as one (rows * samples, D) batch.
+    All samples of a chunk run as one (rows * samples, C) batch; the features-only part
+    of the network runs once per row.
     """
     votes, confidence = [], []
     was_training = model.training
     model.eval()
-    per_chunk = max(1, chunk_rows // samples)
+    per_chunk = max(1, step_batch(features, chunk_rows) // samples)
     try:
         for i in range(0, features.shape[0], per_chunk):
             f = features[i:i + per_chunk]
-            rep = f.repeat_interleave(samples, dim=0)  # (n * S, D)
             y_start = start_noise(first_row + i, f.shape[0], samples=samples,
                                   num_classes=num_classes, seed=seed, device=f.device)
-            y0 = ddim_sample(model, rep, abar=abar, timesteps=timesteps,
-                             num_classes=num_classes, y_start=y_start)
+            y0 = ddim_sample(model, f, abar=abar, timesteps=timesteps, repeats=samples,
+                             num_classes=num_classes, y_start=y_start)  # (n * S, C)
             decided = readout(y0, rule).view(f.shape[0], samples)  # (n, S)
             counts = torch.nn.functional.one_hot(decided, num_classes).sum(dim=1)  # (n, C)
             top = counts.max(dim=1)

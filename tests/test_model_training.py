@@ -519,3 +519,58 @@ def test_wide_features_are_projected_and_the_basis_travels_in_the_checkpoint(tmp
     assert torch.equal(model.guidance, result.state_dict["guidance"])
     narrow = dataclasses.replace(cfg, guidance_dim=200)  # not wider than D: no projection
     assert train_diffusion(data, narrow, progress=False).spec.guidance_dim is None
+
+
+def _trained_looking(model: DiffusionClassifier) -> DiffusionClassifier:
+    """BatchNorm statistics, affine parameters and gammas away from their initial values,
+    so that folding them into the weights is not a no-op."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for norm in (model.norm_x, model.norm1, model.norm2, model.norm3):
+            norm.running_mean.normal_(generator=gen)
+            norm.running_var.uniform_(0.3, 3.0, generator=gen)
+            norm.weight.normal_(generator=gen)
+            norm.bias.normal_(generator=gen)
+        for layer in (model.lin1, model.lin2, model.lin3):
+            layer.gamma.weight.uniform_(0.2, 2.0, generator=gen)
+    return model.eval()
+
+
+def test_folded_step_is_the_eval_forward_pass():
+    """forward_folded with gamma_t and BatchNorm folded into the weights computes what
+    forward_conditioned does in eval mode, at every timestep; folding refuses train mode
+    (batch statistics cannot be folded)."""
+    torch.manual_seed(0)
+    model = _trained_looking(DiffusionClassifier(spec(timesteps=100)))
+    feats, y = torch.randn(9, 12), torch.randn(9, 4)
+    cond = model.condition(feats)
+    for t in (0, 1, 37, 99, 100):
+        want = model.forward_conditioned(y, torch.full((9,), t), cond)
+        got = model.forward_folded(y, cond, model.folded_step(t))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # A wrong gamma row (t - 1) is caught: the check above can fail.
+    off = model.forward_folded(y, cond, model.folded_step(36))
+    assert not torch.allclose(off, model.forward_conditioned(y, torch.full((9,), 37), cond),
+                              atol=1e-3)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.train().folded_step(5)
+
+
+def test_repeats_condition_once_and_match_repeated_rows():
+    """ddim_sample(features, repeats=S) runs S trajectories per image from y_start, the
+    same ones as giving each image's row S times (the features-only part once per image)."""
+    torch.manual_seed(1)
+    model = _trained_looking(DiffusionClassifier(spec(timesteps=100)))
+    feats = torch.randn(5, 12)
+    y_start = torch.randn(5 * 3, 4)
+    abar = alphas_cumprod(cosine_betas(100)).float()
+    kw = {"abar": abar, "timesteps": ddim_timesteps(100, 10), "num_classes": 4,
+          "y_start": y_start}
+    calls = []
+    original = model.condition
+    model.condition = lambda f: calls.append(f.shape[0]) or original(f)  # count rows
+    once = ddim_sample(model, feats, repeats=3, **kw)
+    rows = ddim_sample(model, feats.repeat_interleave(3, dim=0), **kw)
+    assert calls == [5, 15]
+    torch.testing.assert_close(once, rows, rtol=1e-5, atol=1e-5)
+    assert once.shape == (15, 4)

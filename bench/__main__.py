@@ -25,14 +25,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is import
 
 import typer
 
-from bench import embed, evaluate, search, synthetic, train
+from bench import embed, evaluate, sampling, search, synthetic, train
 from bench.limits import describe_machine, matmul_child
 from bench.measure import run_isolated
 from bench.records import REQUIRED, error_record, record
 from bench.scales import SCALES
 
 log = logging.getLogger("bench")
-STAGES = ("train", "index", "embed", "evaluate")
+STAGES = ("train", "index", "embed", "evaluate", "sample")
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "lra-bench-data"
 
@@ -113,6 +113,9 @@ class Run:
             out += embed.records(self.raw["embed"], scale=self.scale, n=sc.n, matmul=best)
         if self.raw.get("evaluate"):
             out += evaluate.records(self.raw["evaluate"], scale=self.scale, matmul_flops=mm)
+        if self.raw.get("sample"):
+            out += sampling.records(self.raw["sample"], scale=self.scale, n=sc.n,
+                                    matmul_flops=mm)
         return out + self.errors + self.kept
 
     def write(self) -> None:
@@ -149,11 +152,12 @@ def main(
                                                      "(0: library default = all cores).")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] for torch work (FAISS is "
                                              "CPU-only).")] = "auto",
-    stages: Annotated[str, typer.Option(help="Comma list of: train,index,embed,evaluate.")]
+    stages: Annotated[str, typer.Option(help="Comma list of: train,index,embed,evaluate,sample.")]
     = ",".join(STAGES),
     seconds_budget: Annotated[float, typer.Option(
-        min=1, help="Per measurement: exact search, approximate search and evaluation "
-                    "that would take longer run on a sample and are extrapolated.")] = 120.0,
+        min=1, help="Per measurement: exact search, approximate search, evaluation and "
+                    "sampling that would take longer run on a sample and are "
+                    "extrapolated.")] = 120.0,
     batch: Annotated[str, typer.Option(help="Train batch sizes (comma list: a sweep).")] = "256",
     index: Annotated[str, typer.Option(help="Approximate FAISS factories, ';'-separated; "
                                             "{nlist} = power of two nearest sqrt(N).")]
@@ -299,6 +303,15 @@ def main(
                         stage_threads=threads, **common)
             if res:
                 run.raw["evaluate"].append(res)
+        run.write()
+
+    if "sample" in chosen:
+        rows, samples = sampling.plan(sc, matmul_flops=run.matmul_fp32, budget_s=seconds_budget)
+        res = _step(run, "sample", f"S={samples} rows={rows}", sampling.child,
+                    scale=sc.to_dict(), rows=rows, samples=samples, device=dev,
+                    chunk_rows=eval_chunk, **common)
+        if res:
+            run.raw["sample"] = res
         run.write()
 
     log.info("matmul throughput again (end of run) ...")

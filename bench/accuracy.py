@@ -56,8 +56,15 @@ def cell_params(base: dict, space: str, noise: str, seed: int) -> dict:
     return {**base, "noise": noise_cfg, "train": train}
 
 
-def params_key(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+# params.yaml sections no stage of a cell reads (the report runs after evaluate): a change
+# there must not make finished cells look stale.
+UNUSED_SECTIONS = ("report",)
+
+
+def params_key(params: dict, *, ignore: tuple[str, ...] = UNUSED_SECTIONS) -> str:
+    """Digest of the params a cell's stages read (all but the `ignore` sections)."""
+    used = {k: v for k, v in params.items() if k not in ignore}
+    return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_cell(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict:
@@ -169,7 +176,7 @@ def main() -> None:
                 name = f"{space}/{noise}/{seed}"
                 params = cell_params(base, space, noise, seed)
                 done = results["cells"].get(name)
-                if done and done["params_key"] == params_key(params) and not args.redo:
+                if done and params_key(done["params"]) == params_key(params) and not args.redo:
                     continue
                 with tempfile.TemporaryDirectory() as tmp:
                     metrics = run_cell(space_dir, params, Path(tmp), threads=args.threads)

@@ -207,7 +207,9 @@ def main() -> None:
             name = f"{SPACE}/{noise}/{seed}"
             params = cell_params(base, SPACE, noise, seed)
             done = results["cells"].get(name)
-            if done and done["params_key"] == params_key(params) and not args.redo:
+            # The report reads the whole params file, its own section included.
+            if done and params_key(done["params"], ignore=()) == params_key(params, ignore=()) \
+                    and not args.redo:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 work = Path(tmp)
@@ -223,7 +225,7 @@ def main() -> None:
                                    "is_corrupted differ from labels.parquet's")
             lra["seconds"] = round(seconds, 1)
             results["cells"][name] = {"space": SPACE, "noise": noise, "seed": seed,
-                                      "params_key": params_key(params), "params": params,
+                                      "params_key": params_key(params, ignore=()), "params": params,
                                       "train_samples": len(ids), "lra_report": lra,
                                       "cleanlab": peer}
             save_results(results, args.out)

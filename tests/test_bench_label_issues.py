@@ -36,3 +36,16 @@ def test_detection_metrics_empty_flag_and_shape_check():
     assert m["auroc"] == 0.0
     with pytest.raises(ValueError, match="same shape"):
         detection_metrics(np.zeros(3, dtype=bool), np.zeros(2), np.zeros(3, dtype=bool))
+
+
+def test_cell_keys_ignore_only_what_the_cell_does_not_read():
+    """bench.accuracy's cells run noise..evaluate: a report-param change keeps them done;
+    a train-param change makes them stale. The detection cells run the report too."""
+    from bench.accuracy import params_key
+
+    base = {"train": {"epochs": 10}, "report": {"samples": 16}}
+    report_changed = {**base, "report": {"samples": 32}}
+    train_changed = {**base, "train": {"epochs": 11}}
+    assert params_key(report_changed) == params_key(base)
+    assert params_key(train_changed) != params_key(base)
+    assert params_key(report_changed, ignore=()) != params_key(base, ignore=())

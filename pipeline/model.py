@@ -13,16 +13,16 @@ from torch.nn import functional as F
 @dataclass(frozen=True)
 class FoldedStep:
     """`DiffusionClassifier.folded_step(t)`: the eval-mode per-step layers at one t.
-    Weights are (in, out) float32 for addmm; biases and scale / shift (out,)."""
+    Weights are (out, in) float32 as in nn.Linear; biases and scale / shift (out,)."""
 
-    y_weight: torch.Tensor  # (C, H): lin1's label columns, times BN1 scale * gamma_t
+    y_weight: torch.Tensor  # (H, C): lin1's label columns, times BN1 scale * gamma_t
     scale1: torch.Tensor  # (H,): applied to the features term W_f g + b of `condition`
     shift1: torch.Tensor  # (H,)
     weight2: torch.Tensor  # (H, H)
     bias2: torch.Tensor  # (H,)
     weight3: torch.Tensor  # (H, H)
     bias3: torch.Tensor  # (H,)
-    out_weight: torch.Tensor  # (H, C)
+    out_weight: torch.Tensor  # (C, H)
     out_bias: torch.Tensor  # (C,)
 
 
@@ -184,10 +184,10 @@ class DiffusionClassifier(nn.Module):
         s3, shift3 = bn(self.norm3, self.lin3.gamma.weight[t])
         w2, w3 = self.lin2.linear, self.lin3.linear
         return FoldedStep(
-            y_weight=(self.lin1.linear.weight[:, :c].T * s1).contiguous(), scale1=s1,
-            shift1=shift1, weight2=(w2.weight.T * s2).contiguous(), bias2=w2.bias * s2 + shift2,
-            weight3=(w3.weight.T * s3).contiguous(), bias3=w3.bias * s3 + shift3,
-            out_weight=self.out.weight.T.contiguous(), out_bias=self.out.bias)
+            y_weight=self.lin1.linear.weight[:, :c] * s1[:, None], scale1=s1, shift1=shift1,
+            weight2=w2.weight * s2[:, None], bias2=w2.bias * s2 + shift2,
+            weight3=w3.weight * s3[:, None], bias3=w3.bias * s3 + shift3,
+            out_weight=self.out.weight, out_bias=self.out.bias)
 
     @staticmethod
     def forward_folded(y_t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor],
@@ -195,11 +195,13 @@ class DiffusionClassifier(nn.Module):
         """forward_conditioned(y_t, t, cond) in eval mode, from `folded_step(t)`.
         y_t: (B, C); cond: `condition(features)` for the same B rows. Returns (B, C)."""
         x_emb, f_term = cond
+        # Weights stay (out, in) as in nn.Linear: the same product layout keeps each row's
+        # result independent of how many rows are in the batch (chunk-independent output).
         pre = torch.addcmul(step.shift1, f_term, step.scale1)  # BN1(gamma * f_term) part
-        h = F.softplus(torch.addmm(pre, y_t, step.y_weight)).mul_(x_emb)
-        h = F.softplus(torch.addmm(step.bias2, h, step.weight2))
-        h = F.softplus(torch.addmm(step.bias3, h, step.weight3))
-        return torch.addmm(step.out_bias, h, step.out_weight)
+        h = F.softplus(torch.addmm(pre, y_t, step.y_weight.t())).mul_(x_emb)
+        h = F.softplus(F.linear(h, step.weight2, step.bias2))
+        h = F.softplus(F.linear(h, step.weight3, step.bias3))
+        return F.linear(h, step.out_weight, step.out_bias)
 
     def flops_per_sample(self) -> int:
         """Multiply-adds x 2 of one forward pass (see ModelSpec.flops_per_sample)."""

@@ -84,9 +84,13 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     epoch_mem = epoch_probe.report()
     stage_peak = max(prep_peak, epoch_probe.process_peak()) - stage_probe.baseline
 
-    spec = ModelSpec(num_classes=scale["classes"], feature_dim_in=d, hidden=scale["hidden"],
-                     timesteps=cfg.timesteps, projection=cfg.projection)
+    # The network the epoch trained (guidance projection, init): FLOPs and diagnostics
+    # of another spec would misstate the fraction.
+    spec = ModelSpec(**result.spec.to_dict())
     model = DiffusionClassifier(spec).to(device)
+    if spec.guidance_dim is not None:  # any orthonormal basis: speed only
+        with torch.no_grad():
+            model.guidance.copy_(torch.linalg.qr(torch.randn(d, spec.guidance_dim))[0])
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() for b in model.buffers())
     # param + grad + Adam exp_avg + exp_avg_sq + EMA copy (params and buffers), float32
@@ -94,11 +98,13 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     array_bytes = n * d * 4 + data.candidates.numel() * 8 + model_bytes
 
     # ---- diagnostics: GEMM ceiling at the layer shapes, and a step split
-    c, h = scale["classes"], scale["hidden"]
-    shapes = [(batch, d, h), (batch, c + d, h), (batch, h, h), (batch, h, c)]
+    c, h, g = scale["classes"], scale["hidden"], spec.guidance_width
+    counts = {(batch, d, h): 1, (batch, c + g, h): 1, (batch, h, h): 2, (batch, h, c): 1}
+    if spec.guidance_dim is not None:
+        counts[(batch, d, g)] = 1  # the fixed guidance basis
+    shapes = list(counts)
     gemms = gemm_throughput(shapes, device=device)
     fwd_flops = model.flops_per_sample()
-    counts = {shapes[0]: 1, shapes[1]: 1, shapes[2]: 2, shapes[3]: 1}
     gemm_seconds = sum(counts[(g["m"], g["k"], g["n"])] * 2.0 * g["m"] * g["k"] * g["n"]
                        / g["flop_per_s"] for g in gemms)  # one forward of a batch
     gemm_bound = batch / (3.0 * gemm_seconds)  # samples/s if every product ran at that rate

@@ -26,13 +26,14 @@ TARGET = 0.5
 def default_spec(classes: int, dim: int, hidden: int) -> Any:
     """The ModelSpec `train` builds from the default train params at this width."""
     from pipeline.config import TrainConfig
-    from pipeline.model import ModelSpec
+    from pipeline.training import model_spec
 
-    cfg = TrainConfig()
-    return ModelSpec(num_classes=classes, feature_dim_in=dim, hidden=hidden,
-                     timesteps=cfg.timesteps, projection=cfg.projection,
-                     guidance_dim=cfg.guidance_dim if 0 < cfg.guidance_dim < dim else None,
-                     init=cfg.init)
+    return model_spec(TrainConfig(feature_dim=hidden), num_classes=classes, dim=dim)
+
+
+def stochastic_flops(spec: Any, *, samples: int, steps: int) -> int:
+    """FLOPs per row of `samples` trajectories of `steps` DDIM steps, conditioned once."""
+    return spec.condition_flops_per_sample() + samples * steps * spec.step_flops_per_sample()
 
 
 def plan(sc: Any, *, matmul_flops: float, budget_s: float) -> tuple[int, int]:
@@ -42,8 +43,7 @@ def plan(sc: Any, *, matmul_flops: float, budget_s: float) -> tuple[int, int]:
 
     samples, steps = ReportConfig().samples, TrainConfig().ddim_steps
     spec = default_spec(sc.classes, sc.dim, sc.hidden)
-    flops = spec.condition_flops_per_sample() + samples * steps * spec.step_flops_per_sample()
-    per_row = flops / (0.4 * matmul_flops)
+    per_row = stochastic_flops(spec, samples=samples, steps=steps) / (0.4 * matmul_flops)
     if sc.n * per_row <= budget_s:
         return sc.n, samples
     return max(1024, int(budget_s / per_row) // 1024 * 1024), samples
@@ -91,8 +91,8 @@ def child(*, scale: dict, rows: int, samples: int, device: str, chunk_rows: int 
                            "device": device, "chunk_rows": chunk_rows,
                            "step_batch_rows": STEP_BATCH_ROWS, "spec": spec.to_dict()}
     for name, fn, flops in (
-            ("stochastic", stochastic, spec.condition_flops_per_sample()
-             + samples * cfg.ddim_steps * spec.step_flops_per_sample()),
+            ("stochastic", stochastic,
+             stochastic_flops(spec, samples=samples, steps=cfg.ddim_steps)),
             ("mean_start", mean_start, spec.sampling_flops_per_sample(cfg.ddim_steps))):
         fn(feats[:min(rows, 256)])  # warm-up: thread pools, kernel selection
         probe = MemoryProbe(device)

@@ -31,7 +31,8 @@ def predict_scores(model: nn.Module, features: torch.Tensor, *, abar: torch.Tens
                    timesteps: np.ndarray, num_classes: int, chunk_rows: int = 16_384
                    ) -> torch.Tensor:
     """Mean-start DDIM y_0 scores for every row. features: (N, D) float32 on the model's
-    device. Batched (`step_batch` rows at a time) so memory does not grow with N. Returns (N, C) float32."""
+    device. Batched (`step_batch` rows at a time) so memory does not grow with N.
+    Returns (N, C) float32."""
     was_training = model.training
     model.eval()
     batch = step_batch(features, chunk_rows)

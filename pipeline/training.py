@@ -69,6 +69,15 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def model_spec(cfg: TrainConfig, *, num_classes: int, dim: int) -> ModelSpec:
+    """The network `train_diffusion` builds for D = dim inputs: the guidance is projected
+    to cfg.guidance_dim coordinates only when the embedding is wider."""
+    return ModelSpec(num_classes=num_classes, feature_dim_in=dim, hidden=cfg.feature_dim,
+                     timesteps=cfg.timesteps, projection=cfg.projection,
+                     guidance_dim=cfg.guidance_dim if 0 < cfg.guidance_dim < dim else None,
+                     init=cfg.init)
+
+
 def learning_rate(epoch: float, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr over `warmup_epochs`, then half-cosine to 0 at the last
     epoch actually run (the released CIFAR script decays over a hard-coded 1000 epochs
@@ -162,10 +171,7 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True,
     main = ctx.is_main or not ddp
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    spec = ModelSpec(num_classes=data.num_classes, feature_dim_in=dim, hidden=cfg.feature_dim,
-                     timesteps=cfg.timesteps, projection=cfg.projection,
-                     guidance_dim=cfg.guidance_dim if 0 < cfg.guidance_dim < dim else None,
-                     init=cfg.init)
+    spec = model_spec(cfg, num_classes=data.num_classes, dim=dim)
     model = DiffusionClassifier(spec).to(device)
     if spec.guidance_dim is not None:
         with torch.no_grad():

@@ -15,6 +15,7 @@ import torch
 import typer
 
 from pipeline import distributed
+from pipeline.allocator import retain_freed_memory
 from pipeline.artifacts import StageWriter, write_csv, write_json
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Params, as_dict
@@ -77,6 +78,7 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
            dev: str, threads: int, progress: bool, ctx: distributed.DistContext) -> None:
     """The stage body on one rank; only rank 0 writes."""
     set_threads(threads)
+    retain_freed_memory()  # each step re-allocates the same buffers (pipeline.allocator)
     emb = open_embeddings(embeddings)  # vectors are read below, train and val rows only
     lab = read_labels(labels)
     if threads == 0 and dev == "cpu":

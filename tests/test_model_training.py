@@ -21,7 +21,8 @@ from pipeline import inference
 from pipeline.inference import predict_scores, start_noise, stochastic_vote
 from pipeline.model import ConditionalLinear, DiffusionClassifier, ModelSpec
 from pipeline.retrieval import candidate_labels
-from pipeline.training import TrainData, draw_targets, learning_rate, train_diffusion
+from pipeline.training import (TrainData, clip_gradients_, draw_targets, learning_rate,
+                               train_diffusion)
 
 
 def spec(projection: str = "linear", **kw) -> ModelSpec:
@@ -321,6 +322,33 @@ def test_training_is_deterministic_for_a_seed():
                         progress=False)
     assert u.best["readout"] == "argmax"
     assert u.history[0]["loss"] != a.history[0]["loss"]
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])  # under the clip norm, and over it
+def test_clip_gradients_equals_torch_bit_for_bit(scale):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(21, 8), (8,), (8, 8), (3, 8)]
+    ours = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    ref = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b in zip(ours, ref):
+        a.grad = torch.randn(a.shape, generator=gen) * scale
+        b.grad = a.grad.clone()
+    before = [p.grad.clone() for p in ours]
+    clip_gradients_(ours, 1.0)
+    total = nn.utils.clip_grad_norm_(ref, 1.0, foreach=True)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, ref))
+    changed = any(not torch.equal(a.grad, b) for a, b in zip(ours, before))
+    assert changed == (total.item() > 1.0)  # clipped exactly when torch clips
+    if changed:
+        norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours]))
+        assert norm.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_epoch_callback_sees_every_history_row():
+    data, _, _ = noisy_clusters(1, n=60, n_val=20)
+    seen: list[dict] = []
+    result = train_diffusion(data, _small_cfg(), progress=False, on_epoch_end=seen.append)
+    assert seen == result.history and len(seen) == 3
 
 
 def test_batch_larger_than_train_split():

@@ -47,7 +47,6 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
           diag_samples: int = 2560) -> dict[str, Any]:
     """Runs in a fresh process (bench.measure.run_isolated)."""
     import torch
-    from torch import nn
     from torch.nn import functional as F
 
     from bench import tables
@@ -60,7 +59,8 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     from pipeline.model import DiffusionClassifier, ModelSpec
     from pipeline.neighbours import read_candidates
     from pipeline.tables import open_embeddings, read_labels
-    from pipeline.training import TrainData, draw_targets, guidance_basis, train_diffusion
+    from pipeline.training import (TrainData, clip_gradients_, draw_targets, guidance_basis,
+                                   train_diffusion)
 
     retain_freed_memory()  # as stages/train.py does
     folder = tables.materialise(data_dir, rows=scale["n"], scale=scale)
@@ -136,7 +136,8 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
     gemm_bound = batch / (3.0 * gemm_seconds)  # samples/s if every product ran at that rate
 
     gen = torch.Generator(device=device).manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    params_list = list(model.parameters())
+    optimizer = torch.optim.Adam(params_list, lr=1e-3, fused=True)
     ema = copy.deepcopy(model)
     ema_floats = [v for v in ema.state_dict().values() if v.is_floating_point()]
     raw_floats = [v for v in model.state_dict().values() if v.is_floating_point()]
@@ -161,7 +162,7 @@ def child(*, data_dir: str, scale: dict, batch: int, device: str, val_rows: int 
 
     def full():
         backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        clip_gradients_(params_list, 1.0)  # as train_diffusion clips
         optimizer.step()
         torch._foreach_lerp_(ema_floats, raw_floats, 0.005)
 

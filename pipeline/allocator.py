@@ -9,7 +9,8 @@ step for the model's 2.5 M gradient entries, ~15 % of a CIFAR-scale step on the 
 (`bench/README.md`, train). With the thresholds below, blocks under MMAP_THRESHOLD come
 from the heap and up to TRIM_THRESHOLD of free heap stays mapped, so those pages are
 reused. Arrays larger than MMAP_THRESHOLD (the (N, D) feature matrix) are still mapped
-on their own and returned when freed, so the peak memory is unchanged.
+on their own and returned when freed; the retained heap raised the CIFAR-scale train
+benchmark's peak from 554 to 596 MiB.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ the pipeline's own stages (noise -> retrieve -> train -> evaluate).
     uv run python -m bench.accuracy --spaces rgb3072 --noises pmd70 --seeds 0 1 2
 
 Resumable cell by cell: each finished cell is written to bench/results/accuracy.json at
-once, and a rerun skips the cells already there with the same params (`--redo` reruns
-them). The feature spaces (bench/spaces.py) are built once under `--work`. For seed s,
-noise.seed = train.seed = s. Model selection uses the validation split only; the test
-accuracies are read from evaluate's metrics.json and never feed back into anything.
+once, and a rerun skips the cells already there with the same params and the same
+space version (bench/spaces.py; `--redo` reruns them). The feature spaces are built once
+under `--work`. For seed s, noise.seed = train.seed = s. Model selection uses the
+validation split only; the test accuracies are read from evaluate's metrics.json and never feed back into anything.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.spaces import DIGIT_SPACES, SPACES, build_space
+from bench.spaces import DIGIT_SPACES, SPACES, build_space, space_version
 
 NOISES = {
     "sym40": {"kind": "symmetric", "rate": 0.4},
@@ -65,6 +65,12 @@ def params_key(params: dict, *, ignore: tuple[str, ...] = UNUSED_SECTIONS) -> st
     """Digest of the params a cell's stages read (all but the `ignore` sections)."""
     used = {k: v for k, v in params.items() if k not in ignore}
     return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_current(done: dict | None, params: dict, version: str) -> bool:
+    """Whether a finished cell ran with these params on this version of its space."""
+    return (done is not None and done.get("space_version") == version
+            and params_key(done["params"]) == params_key(params))
 
 
 def run_cell(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict:
@@ -117,9 +123,12 @@ def _fmt(values: list[float]) -> str:
 
 
 def table(results: dict) -> str:
-    """Markdown: one row per (space, noise), test accuracy mean ± sd over the seeds run."""
+    """Markdown: one row per (space, noise), test accuracy mean ± sd over the seeds run
+    on the current version of the space (cells on an older one are left out)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for cell in results["cells"].values():
+        if cell.get("space_version") != space_version(cell["space"]):
+            continue
         groups.setdefault((cell["space"], cell["noise"]), []).append(cell)
     lines = ["| space | noise | rate | seeds | LRA-diffusion | kNN vote | noisy linear | "
              "clean linear | LRA - best baseline | below baseline (val) | s / cell |",
@@ -176,11 +185,12 @@ def main() -> None:
                 name = f"{space}/{noise}/{seed}"
                 params = cell_params(base, space, noise, seed)
                 done = results["cells"].get(name)
-                if done and params_key(done["params"]) == params_key(params) and not args.redo:
+                if is_current(done, params, space_version(space)) and not args.redo:
                     continue
                 with tempfile.TemporaryDirectory() as tmp:
                     metrics = run_cell(space_dir, params, Path(tmp), threads=args.threads)
                 results["cells"][name] = {"space": space, "noise": noise, "seed": seed,
+                                          "space_version": space_version(space),
                                           "params_key": params_key(params),
                                           "params": params, "metrics": metrics}
                 save_results(results, args.out)

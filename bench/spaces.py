@@ -15,9 +15,9 @@ artifacts (`prepared/samples.parquet`, `embeddings/embeddings.parquet`,
     synth10k / synth45k
                bench/synthetic.py CLIP-like 768-d embeddings, 10 classes, 10,000 or 45,000
                train rows (+ 1/9 clean val, 2/9 test: CIFAR's 45,000 / 5,000 / 10,000), with the
-               class overlap raised (SYNTH_OVERLAP) so a clean linear probe stays near
-               97 % (97.1 / 97.4 measured): at the generator's defaults every method is
-               at ~100 %.
+               class overlap raised (SYNTH_OVERLAP) so a clean linear probe stays under
+               97 % (blend 0.8; 0.65 gave 97.1 / 97.4): at the generator's defaults every
+               method is at ~100 %.
 """
 
 from __future__ import annotations
@@ -31,12 +31,18 @@ import yaml
 
 from bench.synthetic import SyntheticSpec, generate
 
-SPACES_VERSION = "v3"  # bump when a space or the artifact format changes: rebuilt, not reused
+# Each space's version: bump one when that space or the artifact format changes. The
+# space is then rebuilt under a new folder, and the benchmark's finished cells on it
+# (which record the version they ran on) count as stale and rerun.
+SPACE_VERSIONS = {"digits64": "v3", "rgb3072": "v3", "proj768": "v3",
+                  "synth10k": "v4", "synth45k": "v4"}
 SPACES = ("digits64", "rgb3072", "proj768", "synth10k", "synth45k")
 DIGIT_SPACES = ("digits64", "rgb3072", "proj768")
 
 # Class overlap of the synthetic generator (its default: none).
-SYNTH_OVERLAP = {"blend": 0.65}
+# blend: clean linear probe (L2 chosen on validation), test %, 10k / 45k train rows:
+# 0.65 -> 97.1 / 97.4, 0.75 -> 96.7 / 97.0, 0.85 -> 96.4 / 96.6.
+SYNTH_OVERLAP = {"blend": 0.8}
 
 
 def _write_params(path: Path, data: dict) -> Path:
@@ -137,10 +143,17 @@ def _synthetic(folder: Path, train_rows: int) -> None:
                                      folder / "prepared/samples.parquet")}})
 
 
+def space_version(name: str) -> str:
+    """The version a space `name` is built at (SPACE_VERSIONS)."""
+    if name not in SPACE_VERSIONS:
+        raise ValueError(f"unknown space {name!r}; valid: {', '.join(SPACES)}")
+    return SPACE_VERSIONS[name]
+
+
 def build_space(name: str, root: Path) -> Path:
     """Build (once) and return the folder holding `name`'s prepared table, embeddings
     and index. Spaces derived from digits64 build it first."""
-    folder = root / SPACES_VERSION / name
+    folder = root / space_version(name) / name
     if (folder / "index/train.faiss").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)

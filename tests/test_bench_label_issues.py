@@ -49,3 +49,27 @@ def test_cell_keys_ignore_only_what_the_cell_does_not_read():
     assert params_key(report_changed) == params_key(base)
     assert params_key(train_changed) != params_key(base)
     assert params_key(report_changed, ignore=()) != params_key(base, ignore=())
+
+
+def test_cells_on_an_older_space_version_are_stale_and_left_out_of_the_table():
+    """A space rebuilt at a new version (bench/spaces.py) reruns its cells, and the table
+    never mixes cells from two versions of one space."""
+    from bench.accuracy import is_current, table
+    from bench.spaces import space_version
+
+    params = {"train": {"epochs": 10}}
+    now = space_version("synth10k")
+    done = {"params": params, "space_version": now}
+    assert is_current(done, params, now)
+    assert not is_current({**done, "space_version": "v0"}, params, now)
+    assert not is_current(done, {"train": {"epochs": 11}}, now)
+    assert not is_current(None, params, now)
+
+    def cell(version: str, lra: float) -> dict:
+        acc = {"lra_diffusion": lra, "knn_vote": 0.5, "noisy_linear": 0.5, "clean_linear": 0.9}
+        return {"space": "synth10k", "noise": "sym40", "seed": 0, "space_version": version,
+                "metrics": {"test_accuracy": acc, "noise": {"observed_rate": 0.4},
+                            "model": {"below_baseline": False}, "seconds": 1.0}}
+
+    rows = table({"cells": {"a": cell(now, 0.8), "b": cell("v0", 0.2)}}).splitlines()
+    assert len(rows) == 3 and "| 1 | 80.0 |" in rows[2]

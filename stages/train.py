@@ -21,11 +21,10 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Params, as_dict
 from pipeline.errors import ArtifactError
 from pipeline.features import FeatureNormalizer
-from pipeline.model import ModelSpec
 from pipeline.lineage import BUILT_FROM, check_built_from
 from pipeline.neighbours import read_candidates_meta
 from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
-from pipeline.training import TrainData, train_diffusion
+from pipeline.training import TrainData, model_spec, train_diffusion
 from stages.app import (DeviceOption, EmbeddingsOption, LabelsOption, NprocOption,
                         OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
                         ThreadsOption, app, resolve_device, set_threads, stage)
@@ -67,8 +66,7 @@ def _one_thread_for_small_steps(p: Params, *, dim: int, num_classes: int) -> Non
     quiet 2-core machine two threads saved 30 %, but with one core busy elsewhere the
     threads' spin-waiting made each step 30x slower. One thread costs 12 ms per step
     either way. Larger steps (CIFAR: 256 x 2.6 MFLOP) keep the library's threads."""
-    spec = ModelSpec(num_classes=num_classes, feature_dim_in=dim, hidden=p.train.feature_dim,
-                     timesteps=p.train.timesteps, projection=p.train.projection)
+    spec = model_spec(p.train, num_classes=num_classes, dim=dim)  # the network trained
     if p.train.batch_size * spec.flops_per_sample() < SMALL_STEP_FLOPS:
         torch.set_num_threads(1)
         log.info("small training steps: using one CPU thread (pass --threads to override)")

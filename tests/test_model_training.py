@@ -22,7 +22,7 @@ from pipeline.inference import predict_scores, start_noise, stochastic_vote
 from pipeline.model import ConditionalLinear, DiffusionClassifier, ModelSpec
 from pipeline.retrieval import candidate_labels
 from pipeline.training import (TrainData, clip_gradients_, draw_targets, learning_rate,
-                               train_diffusion)
+                               model_spec, train_diffusion)
 
 
 def spec(projection: str = "linear", **kw) -> ModelSpec:
@@ -602,3 +602,22 @@ def test_repeats_condition_once_and_match_repeated_rows():
     assert calls == [5, 15]
     torch.testing.assert_close(once, rows, rtol=1e-5, atol=1e-5)
     assert once.shape == (15, 4)
+
+
+def test_small_training_steps_take_one_thread_and_count_the_projected_guidance():
+    """stages.train sizes a step by the network it trains (model_spec: guidance projected
+    when D > guidance_dim): digits steps run on one thread, CIFAR-scale ones keep theirs."""
+    from pipeline.config import Params
+    from stages.train import SMALL_STEP_FLOPS, _one_thread_for_small_steps
+
+    digits = Params(train=TrainConfig(batch_size=32))  # params.yaml's digits default
+    torch.set_num_threads(2)
+    _one_thread_for_small_steps(digits, dim=64, num_classes=10)
+    assert torch.get_num_threads() == 1
+    cifar = Params(train=TrainConfig(batch_size=256))
+    torch.set_num_threads(2)
+    _one_thread_for_small_steps(cifar, dim=768, num_classes=10)
+    assert torch.get_num_threads() == 2
+    # 768-d at batch 32: 2.0 MFLOP per sample with the 64-d guidance (2.6 M unprojected).
+    spec = model_spec(TrainConfig(batch_size=32), num_classes=10, dim=768)
+    assert spec.guidance_dim == 64 and 32 * spec.flops_per_sample() < SMALL_STEP_FLOPS

@@ -7,6 +7,7 @@ Timesteps are integer indices t in [0, T); `alphas_cumprod[t]` is abar_t.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,15 +62,26 @@ def q_sample(y0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.T
 
 
 @torch.inference_mode()
+def folded_steps(model: nn.Module, timesteps: np.ndarray) -> dict[int, Any] | None:
+    """{t: model.folded_step(t)} for each DDIM step: built once and passed to every
+    `ddim_sample` call over a dataset's batches (H x H work per step, not per batch).
+    None for a model in training mode or without folded steps."""
+    if model.training or not hasattr(model, "folded_step"):
+        return None
+    return {int(t): model.folded_step(int(t)) for t in timesteps}
+
+
+@torch.inference_mode()
 def ddim_sample(model: nn.Module, features: torch.Tensor, *, abar: torch.Tensor,
                 timesteps: np.ndarray, num_classes: int, y_start: torch.Tensor | None = None,
-                repeats: int = 1) -> torch.Tensor:
+                repeats: int = 1, folds: dict[int, Any] | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from y_T to y_0, conditioned on `features`.
 
     features: (N, D) float32; abar: (T,) float32; timesteps: ascending DDIM steps.
     repeats: trajectories per image, run as rows i * repeats .. (i + 1) * repeats - 1.
     y_start: (N * repeats, C) starting points; None means the prior mean 0 (the paper's
-    "mean-start" trajectory). Returns y_0: (N * repeats, C) float32 label-space scores.
+    "mean-start" trajectory). folds: `folded_steps(model, timesteps)`, built here when
+    None. Returns y_0: (N * repeats, C) float32 label-space scores.
     """
     n = features.shape[0] * repeats
     y = (torch.zeros(n, num_classes, device=features.device, dtype=features.dtype)
@@ -84,8 +96,8 @@ def ddim_sample(model: nn.Module, features: torch.Tensor, *, abar: torch.Tensor,
         if repeats > 1:
             cond = tuple(c.repeat_interleave(repeats, dim=0) for c in cond)
         if not model.training:
-            predict = lambda y_t, t: model.forward_folded(  # noqa: E731
-                y_t, cond, model.folded_step(t))
+            folds = folds if folds is not None else folded_steps(model, timesteps)
+            predict = lambda y_t, t: model.forward_folded(y_t, cond, folds[t])  # noqa: E731
         else:
             predict = lambda y_t, t: model.forward_conditioned(  # noqa: E731
                 y_t, torch.full((n,), t, dtype=torch.long, device=y_t.device), cond)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.diffusion import (alphas_cumprod, cosine_betas, ddim_sample, ddim_timesteps,
-                                readout)
+                                folded_steps, readout)
 from pipeline.features import FeatureNormalizer
 
 
@@ -37,8 +37,9 @@ def predict_scores(model: nn.Module, features: torch.Tensor, *, abar: torch.Tens
     model.eval()
     batch = step_batch(features, chunk_rows)
     try:
+        folds = folded_steps(model, timesteps)
         parts = [ddim_sample(model, features[i:i + batch], abar=abar, timesteps=timesteps,
-                             num_classes=num_classes)
+                             num_classes=num_classes, folds=folds)
                  for i in range(0, features.shape[0], batch)]
     finally:
         model.train(was_training)
@@ -85,12 +86,14 @@ def stochastic_vote(model: nn.Module, features: torch.Tensor, *, abar: torch.Ten
     model.eval()
     per_chunk = max(1, step_batch(features, chunk_rows) // samples)
     try:
+        folds = folded_steps(model, timesteps)
         for i in range(0, features.shape[0], per_chunk):
             f = features[i:i + per_chunk]
             y_start = start_noise(first_row + i, f.shape[0], samples=samples,
                                   num_classes=num_classes, seed=seed, device=f.device)
             y0 = ddim_sample(model, f, abar=abar, timesteps=timesteps, repeats=samples,
-                             num_classes=num_classes, y_start=y_start)  # (n * S, C)
+                             num_classes=num_classes, y_start=y_start,
+                             folds=folds)  # (n * S, C)
             decided = readout(y0, rule).view(f.shape[0], samples)  # (n, S)
             counts = torch.nn.functional.one_hot(decided, num_classes).sum(dim=1)  # (n, C)
             top = counts.max(dim=1)

@@ -584,6 +584,43 @@ def test_folded_step_is_the_eval_forward_pass():
         model.train().folded_step(5)
 
 
+def test_folded_layers_in_place_equal_the_out_of_place_formula_bit_for_bit():
+    """forward_folded's in-place bias add and Softplus give exactly the values of the
+    plain formula (a fresh tensor per operation): the change is speed only."""
+    torch.manual_seed(2)
+    model = _trained_looking(DiffusionClassifier(spec(timesteps=100)))
+    feats, y = torch.randn(33, 12) * 4, torch.randn(33, 4) * 4
+    x_emb, f_term = model.condition(feats)
+    step = model.folded_step(37)
+    pre = torch.addcmul(step.shift1, f_term, step.scale1)
+    h = F.softplus(torch.addmm(pre, y, step.y_weight.t())) * x_emb
+    h = F.softplus(F.linear(h, step.weight2, step.bias2))
+    h = F.softplus(F.linear(h, step.weight3, step.bias3))
+    want = F.linear(h, step.out_weight, step.out_bias)
+    assert torch.equal(model.forward_folded(y, (x_emb, f_term), step), want)
+    assert torch.equal(x_emb, model.condition(feats)[0])  # the condition is not written to
+
+
+def test_folds_are_built_once_per_call_over_all_batches(monkeypatch):
+    """predict_scores and stochastic_vote fold each DDIM step once, not once per batch of
+    trajectories, and give the same scores as folding inside every batch."""
+    torch.manual_seed(4)
+    model = _trained_looking(DiffusionClassifier(spec(timesteps=100)))
+    feats = torch.randn(40, 12)
+    kw = {"abar": alphas_cumprod(cosine_betas(100)).float(),
+          "timesteps": ddim_timesteps(100, 5), "num_classes": 4}
+    per_batch = torch.cat([ddim_sample(model, feats[i:i + 8], **kw) for i in range(0, 40, 8)])
+    calls = []
+    original = model.folded_step
+    model.folded_step = lambda t: calls.append(t) or original(t)
+    monkeypatch.setattr(inference, "STEP_BATCH_ROWS", 8)  # 5 batches of 8 rows
+    assert torch.equal(predict_scores(model, feats, **kw), per_batch)
+    assert sorted(calls) == sorted(int(t) for t in kw["timesteps"])
+    calls.clear()
+    stochastic_vote(model, feats, samples=4, rule="argmax", **kw)  # 20 batches of 2 rows
+    assert len(calls) == 5
+
+
 def test_repeats_condition_once_and_match_repeated_rows():
     """ddim_sample(features, repeats=S) runs S trajectories per image from y_start, the
     same ones as giving each image's row S times (the features-only part once per image)."""

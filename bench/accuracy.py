@@ -10,7 +10,8 @@ Resumable cell by cell: each finished cell is written to bench/results/accuracy.
 once, and a rerun skips the cells already there with the same params and the same
 space version (bench/spaces.py; `--redo` reruns them). The feature spaces are built once
 under `--work`. For seed s, noise.seed = train.seed = s. Model selection uses the
-validation split only; the test accuracies are read from evaluate's metrics.json and never feed back into anything.
+validation split only; the test accuracies are read from evaluate's metrics.json and
+never feed back into anything.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from bench.synthetic import SyntheticSpec, generate
 # (which record the version they ran on) count as stale and rerun.
 SPACE_VERSIONS = {"digits64": "v3", "rgb3072": "v3", "proj768": "v3",
                   "synth10k": "v4", "synth45k": "v4"}
-SPACES = ("digits64", "rgb3072", "proj768", "synth10k", "synth45k")
+SPACES = tuple(SPACE_VERSIONS)
 DIGIT_SPACES = ("digits64", "rgb3072", "proj768")
 
 # Class overlap of the synthetic generator (its default: none).

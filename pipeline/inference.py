@@ -51,22 +51,34 @@ NOISE_BLOCK_ROWS = 1024
 
 
 def start_noise(first_row: int, rows: int, *, samples: int, num_classes: int, seed: int,
-                device: torch.device | str) -> torch.Tensor:
+                device: torch.device | str, blocks: dict[int, torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """y_T ~ N(0, I) for `samples` trajectories of each row in [first_row, first_row + rows),
     row-major: (rows * samples, C) float32. Block b of NOISE_BLOCK_ROWS rows draws from a
     generator seeded with (seed, b), so a row's draws do not depend on how the rows are
-    chunked."""
+    chunked.
+
+    blocks: a cache {block: (NOISE_BLOCK_ROWS * samples, C) draws} kept by the caller
+    across consecutive chunks, so a block is drawn once, not once per chunk (a chunk is
+    NOISE_BLOCK_ROWS / samples rows at the default step batch). Blocks before the first
+    one asked for are dropped from it."""
     if rows == 0:
         return torch.zeros((0, num_classes), device=device)
     first_block = first_row // NOISE_BLOCK_ROWS
     last_block = (first_row + rows - 1) // NOISE_BLOCK_ROWS
+    cache = {} if blocks is None else blocks
+    for old in [b for b in cache if b < first_block]:
+        del cache[old]
     parts = []
     for block in range(first_block, last_block + 1):
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + block)
-        parts.append(torch.randn(NOISE_BLOCK_ROWS * samples, num_classes, generator=gen,
-                                 device=device))
+        if block not in cache:
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + block)
+            cache[block] = torch.randn(NOISE_BLOCK_ROWS * samples, num_classes,
+                                       generator=gen, device=device)
+        parts.append(cache[block])
     offset = (first_row - first_block * NOISE_BLOCK_ROWS) * samples
-    return torch.cat(parts)[offset:offset + rows * samples]
+    whole = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return whole[offset:offset + rows * samples]
 
 
 def stochastic_vote(model: nn.Module, features: torch.Tensor, *, abar: torch.Tensor,
@@ -87,10 +99,12 @@ def stochastic_vote(model: nn.Module, features: torch.Tensor, *, abar: torch.Ten
     per_chunk = max(1, step_batch(features, chunk_rows) // samples)
     try:
         folds = folded_steps(model, timesteps)
+        blocks: dict[int, torch.Tensor] = {}  # start_noise's draws, reused across chunks
         for i in range(0, features.shape[0], per_chunk):
             f = features[i:i + per_chunk]
             y_start = start_noise(first_row + i, f.shape[0], samples=samples,
-                                  num_classes=num_classes, seed=seed, device=f.device)
+                                  num_classes=num_classes, seed=seed, device=f.device,
+                                  blocks=blocks)
             y0 = ddim_sample(model, f, abar=abar, timesteps=timesteps, repeats=samples,
                              num_classes=num_classes, y_start=y_start,
                              folds=folds)  # (n * S, C)

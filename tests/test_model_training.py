@@ -457,6 +457,13 @@ def test_start_noise_does_not_depend_on_chunking(monkeypatch):
                        for a, b in [(0, 3), (3, 9), (9, 11)]])
     assert torch.equal(whole, parts)
     assert len(torch.unique(whole)) == whole.numel()  # no block repeats another's draws
+    # A cache shared across consecutive chunks gives the same draws, each block drawn once.
+    blocks: dict = {}
+    cached = torch.cat([start_noise(a, b - a, samples=3, num_classes=2, seed=5,
+                                    device="cpu", blocks=blocks)
+                        for a, b in [(0, 3), (3, 5), (5, 9), (9, 11)]])
+    assert torch.equal(whole, cached)
+    assert sorted(blocks) == [2]  # blocks before the last chunk's first are dropped
 
     torch.manual_seed(0)
     model = DiffusionClassifier(spec(timesteps=100))

@@ -5,6 +5,11 @@ the pipeline's own stages (noise -> retrieve -> train -> evaluate).
     uv run python -m bench.accuracy            # the full grid: 5 spaces x 5 noises x 3 seeds
     uv run python -m bench.accuracy --quick    # the digits spaces, seed 0 (15 cells)
     uv run python -m bench.accuracy --spaces rgb3072 --noises pmd70 --seeds 0 1 2
+    uv run python -m bench.accuracy --quick --jobs 1   # one cell at a time
+
+Cells run `--jobs` at a time (default: one per usable CPU, each on one thread). The
+digits cells train on one thread anyway (their steps are too small to split,
+stages/train.py), so on 2 cores two cells at once take about half the wall time.
 
 Resumable cell by cell: each finished cell is written to bench/results/accuracy.json at
 once, and a rerun skips the cells already there with the same params and the same
@@ -17,8 +22,11 @@ never feed back into anything.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
+import importlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -103,6 +111,27 @@ def run_cell(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict
     return metrics
 
 
+def _run_cell_in_tmp(space_dir: Path, params: dict, threads: int) -> dict:
+    """run_cell in a fresh temporary folder (a worker process's entry point)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_cell(space_dir, params, Path(tmp), threads=threads)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def job_threads(jobs: int, threads: int) -> int:
+    """Threads per cell: `threads` when given, else the stages' defaults for one job
+    (0) and the usable CPUs shared out between several."""
+    if threads or jobs == 1:
+        return threads
+    return max(1, usable_cpus() // jobs)
+
+
 def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"cells": {}}
 
@@ -164,7 +193,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".lra-cache/bench-accuracy"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch / FAISS threads (0: each stage's default)")
+                        help="torch / FAISS threads per cell (0: each stage's default with "
+                             "one job, the CPUs shared out between jobs with several)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="cells run at once, each in its own process (0: one per "
+                             "usable CPU)")
     parser.add_argument("--redo", action="store_true", help="rerun cells already done")
     parser.add_argument("--table", action="store_true", help="only print the table")
     args = parser.parse_args()
@@ -178,6 +211,9 @@ def main() -> None:
     base = yaml.safe_load(args.params.read_text())
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "processor": platform.processor() or platform.machine()}
+    jobs = args.jobs or usable_cpus()
+    threads = job_threads(jobs, args.threads)
+    todo = []  # (name, space, noise, seed, space_dir, params)
     started = time.perf_counter()
     for space in spaces:
         space_dir = build_space(space, args.work)
@@ -188,16 +224,34 @@ def main() -> None:
                 done = results["cells"].get(name)
                 if is_current(done, params, space_version(space)) and not args.redo:
                     continue
-                with tempfile.TemporaryDirectory() as tmp:
-                    metrics = run_cell(space_dir, params, Path(tmp), threads=args.threads)
-                results["cells"][name] = {"space": space, "noise": noise, "seed": seed,
-                                          "space_version": space_version(space),
-                                          "params_key": params_key(params),
-                                          "params": params, "metrics": metrics}
-                save_results(results, args.out)
-                acc = metrics["test_accuracy"]
-                print(f"{name}: " + ", ".join(f"{m} {acc[m]:.4f}" for m in METHODS)
-                      + f" ({metrics['seconds']:.0f} s)", flush=True)
+                todo.append((name, space, noise, seed, space_dir, params))
+
+    def finished(item: tuple, metrics: dict) -> None:
+        name, space, noise, seed, _, params = item
+        metrics["jobs"], metrics["threads"] = jobs, threads
+        results["cells"][name] = {"space": space, "noise": noise, "seed": seed,
+                                  "space_version": space_version(space),
+                                  "params_key": params_key(params),
+                                  "params": params, "metrics": metrics}
+        save_results(results, args.out)  # at once: an interrupted grid resumes from here
+        acc = metrics["test_accuracy"]
+        print(f"{name}: " + ", ".join(f"{m} {acc[m]:.4f}" for m in METHODS)
+              + f" ({metrics['seconds']:.0f} s)", flush=True)
+
+    if jobs == 1 or len(todo) <= 1:
+        for item in todo:
+            finished(item, _run_cell_in_tmp(item[4], item[5], threads))
+    else:
+        # spawn: a fresh interpreter per worker (no forked torch / OpenMP thread state).
+        with concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(jobs, len(todo)),
+                mp_context=multiprocessing.get_context("spawn")) as pool:
+            # By module name: under `python -m` this module is __main__, which a spawned
+            # worker does not import under that name.
+            work_fn = importlib.import_module("bench.accuracy")._run_cell_in_tmp
+            running = {pool.submit(work_fn, item[4], item[5], threads): item for item in todo}
+            for future in concurrent.futures.as_completed(running):
+                finished(running[future], future.result())
     print(f"wall time {time.perf_counter() - started:.0f} s")
     print(table(results))
 

@@ -73,3 +73,15 @@ def test_cells_on_an_older_space_version_are_stale_and_left_out_of_the_table():
 
     rows = table({"cells": {"a": cell(now, 0.8), "b": cell("v0", 0.2)}}).splitlines()
     assert len(rows) == 3 and "| 1 | 80.0 |" in rows[2]
+
+
+def test_cells_run_in_parallel_share_the_cpus_out(monkeypatch):
+    """Several jobs split the usable CPUs (at least one thread each); one job keeps each
+    stage's own default (0); an explicit --threads always wins."""
+    from bench import accuracy
+
+    monkeypatch.setattr(accuracy, "usable_cpus", lambda: 8)
+    assert accuracy.job_threads(1, 0) == 0
+    assert accuracy.job_threads(2, 0) == 4
+    assert accuracy.job_threads(16, 0) == 1
+    assert accuracy.job_threads(2, 3) == 3

@@ -132,6 +132,19 @@ def job_threads(jobs: int, threads: int) -> int:
     return max(1, usable_cpus() // jobs)
 
 
+# Seconds per cell, one job on the 2-core VM (bench/README.md's table, 2026-12-02): only
+# used to start the longest cells first, so that no long cell is left running alone at
+# the end of a parallel grid while the other CPUs idle.
+CELL_SECONDS = {"digits64": 110, "rgb3072": 210, "proj768": 125, "synth10k": 105,
+                "synth45k": 400}
+
+
+def longest_first(names: list[str]) -> list[str]:
+    """Cell names ("space/noise/seed") by expected run time, longest first; ties keep
+    their order (a stable sort), so the order is deterministic."""
+    return sorted(names, key=lambda name: -CELL_SECONDS.get(name.split("/")[0], 0))
+
+
 def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"cells": {}}
 
@@ -249,6 +262,8 @@ def main() -> None:
             # By module name: under `python -m` this module is __main__, which a spawned
             # worker does not import under that name.
             work_fn = importlib.import_module("bench.accuracy")._run_cell_in_tmp
+            by_name = {item[0]: item for item in todo}
+            todo = [by_name[name] for name in longest_first(list(by_name))]
             running = {pool.submit(work_fn, item[4], item[5], threads): item for item in todo}
             for future in concurrent.futures.as_completed(running):
                 finished(running[future], future.result())

@@ -85,3 +85,16 @@ def test_cells_run_in_parallel_share_the_cpus_out(monkeypatch):
     assert accuracy.job_threads(2, 0) == 4
     assert accuracy.job_threads(16, 0) == 1
     assert accuracy.job_threads(2, 3) == 3
+
+
+def test_parallel_grid_starts_the_longest_cells_first():
+    """The 45k-row cells go first (else the last one runs alone at the end while the
+    other CPUs idle); cells of one space keep their order; unknown spaces go last."""
+    from bench import accuracy
+
+    names = ["digits64/sym40/0", "synth45k/sym40/0", "rgb3072/sym40/0", "other/x/0",
+             "synth45k/pair40/0"]
+    assert accuracy.longest_first(names) == [
+        "synth45k/sym40/0", "synth45k/pair40/0", "rgb3072/sym40/0", "digits64/sym40/0",
+        "other/x/0"]
+    assert set(accuracy.CELL_SECONDS) == set(accuracy.SPACES)

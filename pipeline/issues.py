@@ -28,6 +28,14 @@ stochastic vote share 0.992); the flag precision 0.973, recall 0.984, F1 0.978, 
 precision (the vote alone at 0.5: precision 0.99, recall 0.68), because with
 y_T ~ N(0, I) the vote share is low even where the vote is right (mean 0.56).
 
+When LRA-diffusion trails the noisy linear probe on validation (metrics.json
+`model.below_baseline`, baseline noisy_linear), the report scores the labels with that
+probe instead, cross-fitted so that no label scores itself (pipeline.crossfit):
+predicted_label and confidence are then the out-of-fold probe's class and probability,
+label_score its probability of the given label, mean_start_label stays LRA-diffusion's
+prediction, and the flag is the probe's class != given_label (FLAG_RULES). report.json
+`scored_by` says which scorer ran.
+
 `score_rows` runs the model through `DiffusionScorer` (the checkpoint's own normaliser and
 seeded, chunk-independent stochastic vote); everything else is NumPy on (n,) arrays.
 """
@@ -108,12 +116,27 @@ def label_score(given_score: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-SCORE_SLOPE * (y - 0.5)))).astype(np.float32)
 
 
-def flag_issues(given: np.ndarray, scores: RowScores, *, min_confidence: float
-                ) -> np.ndarray:
-    """(n,) bool: both the stochastic vote (with at least min_confidence) and the
-    mean-start prediction reject the given label."""
-    return ((scores.vote != given) & (scores.mean_start != given)
-            & (scores.confidence >= min_confidence))
+SCORERS = ("lra_diffusion", "noisy_linear")
+"""Who scores the labels: the diffusion classifier, or (pipeline.crossfit) the
+cross-fitted noisy linear probe when that probe beat it on validation."""
+
+FLAG_RULES = {
+    "lra_diffusion": "predicted_label != given_label and mean_start_label != given_label "
+                     "and confidence >= min_confidence",
+    "noisy_linear": "predicted_label != given_label and confidence >= min_confidence "
+                    "(predicted_label: the out-of-fold linear probe's class)",
+}
+
+
+def flag_issues(given: np.ndarray, scores: RowScores, *, min_confidence: float,
+                scored_by: str = "lra_diffusion") -> np.ndarray:
+    """(n,) bool. LRA-diffusion: both the stochastic vote (with at least min_confidence)
+    and the mean-start prediction reject the given label. The cross-fitted probe: its
+    class (with at least min_confidence probability) rejects it."""
+    if scored_by not in SCORERS:
+        raise ValueError(f"scored_by must be one of {SCORERS}, got {scored_by!r}")
+    flag = (scores.vote != given) & (scores.confidence >= min_confidence)
+    return flag & (scores.mean_start != given) if scored_by == "lra_diffusion" else flag
 
 
 def issue_ranks(score: np.ndarray, sample_id: np.ndarray) -> np.ndarray:
@@ -173,11 +196,15 @@ class LabelIssues:
 
 def find_label_issues(*, sample_id: np.ndarray, given: np.ndarray, scores: RowScores,
                       agreement: np.ndarray, knn: np.ndarray, clean: np.ndarray,
-                      min_confidence: float) -> LabelIssues:
+                      min_confidence: float, scored_by: str = "lra_diffusion"
+                      ) -> LabelIssues:
     """Build the ranked table from per-row arrays of the training rows (all (n,); clean
-    is UNKNOWN where the clean label is not known)."""
-    score = label_score(scores.given_score)
-    flag = flag_issues(given, scores, min_confidence=min_confidence)
+    is UNKNOWN where the clean label is not known). scored_by "noisy_linear": scores
+    come from pipeline.crossfit, whose given_score is already a probability (the
+    label_score as it is)."""
+    score = (label_score(scores.given_score) if scored_by == "lra_diffusion"
+             else np.asarray(scores.given_score, dtype=np.float32))
+    flag = flag_issues(given, scores, min_confidence=min_confidence, scored_by=scored_by)
     order = issue_ranks(score, sample_id)
     known = bool(len(clean)) and bool((clean != UNKNOWN).all())
     return LabelIssues(
@@ -191,13 +218,16 @@ def find_label_issues(*, sample_id: np.ndarray, given: np.ndarray, scores: RowSc
 
 
 def summary(issues: LabelIssues, *, samples: int, min_confidence: float,
-            val_flag_rate: float | None) -> dict:
-    """report.json: counts, the flag rule, the share of clean validation labels the same
-    rule flags (a false-positive rate) and, where the train corruptions are known, how
-    well the flag and label_score find them, beside two references: the kNN vote as the
-    flag with neighbour_agreement as the score, and the stochastic vote alone."""
+            val_flag_rate: float | None, scored_by: str = "lra_diffusion",
+            fallback: dict | None = None) -> dict:
+    """report.json: which scorer ran (and, for the fallback, why), counts, the flag rule,
+    the share of clean validation labels the same rule flags (a false-positive rate)
+    and, where the train corruptions are known, how well the flag and label_score find
+    them, beside two references: the kNN vote as the flag with neighbour_agreement as
+    the score, and the vote alone (the scorer's predicted_label)."""
     n = len(issues.sample_id)
     out: dict = {
+        "scored_by": scored_by, **({"fallback": fallback} if fallback else {}),
         "train_samples": n, "label_issues": int(issues.is_label_issue.sum()),
         "issue_rate": float(issues.is_label_issue.mean()) if n else None,
         "stochastic_samples": samples, "min_confidence": min_confidence,

@@ -20,10 +20,12 @@ import torch
 
 from pipeline.artifacts import read_json, read_table
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import ReportConfig
+from pipeline.config import EvaluateConfig, ReportConfig
+from pipeline.crossfit import FOLDS, assign_folds, cross_fit_scores, fit_fold_probes
 from pipeline.errors import ArtifactError
 from pipeline.inference import DiffusionScorer
-from pipeline.issues import LabelIssues, find_label_issues, flag_issues, score_rows, summary
+from pipeline.issues import (FLAG_RULES, LabelIssues, RowScores, find_label_issues,
+                             flag_issues, score_rows, summary)
 from pipeline.report_io import (image_refs, issues_table, load_images, read_neighbourhood,
                                 read_predictions, read_train_log)
 from pipeline.report_page import GalleryEntry, Neighbour, ReportInputs, render
@@ -64,8 +66,11 @@ class Report:
 
 
 def build_report(cfg: ReportConfig, paths: ReportPaths, *, device: str, threads: int = 0,
-                 chunk_rows: int = 4096, progress: Callable[[int], None] | None = None
-                 ) -> Report:
+                 chunk_rows: int = 4096, progress: Callable[[int], None] | None = None,
+                 linear: EvaluateConfig | None = None) -> Report:
+    """Score, rank and render; `linear` (default: EvaluateConfig()) sets the cross-fitted
+    probe's iterations and row cap when that fallback scorer runs."""
+    linear = linear or EvaluateConfig()
     emb = open_embeddings(paths.embeddings)
     lab = read_labels(paths.labels)
     nbh = read_neighbourhood(paths.retrieval)
@@ -81,31 +86,48 @@ def build_report(cfg: ReportConfig, paths: ReportPaths, *, device: str, threads:
             sum(w.numel() for w in net.parameters()) < SMALL_MODEL_WEIGHTS:
         torch.set_num_threads(1)
         log.info("small model: scoring on one CPU thread (pass --threads to override)")
-    scorer = DiffusionScorer.from_checkpoint(net, ckpt, num_classes=lab.num_classes,
-                                             device=device, samples=cfg.samples)
+    metrics = read_json(paths.metrics, "evaluation metrics")
     train, val = emb.rows("train"), emb.rows("val")
     rows = np.union1d(train, val)
-    log.info("scoring %d train and %d val labels with %d stochastic samples each",
-             len(train), len(val), cfg.samples)
-    scores = score_rows(emb, scorer, rows=rows, given=lab.observed, chunk_rows=chunk_rows,
-                        progress=progress)
+    fallback = _fallback(metrics, train_rows=len(train))
+    if fallback is None:
+        scored_by = "lra_diffusion"
+        scorer = DiffusionScorer.from_checkpoint(net, ckpt, num_classes=lab.num_classes,
+                                                 device=device, samples=cfg.samples)
+        log.info("scoring %d train and %d val labels with %d stochastic samples each",
+                 len(train), len(val), cfg.samples)
+        scores = score_rows(emb, scorer, rows=rows, given=lab.observed,
+                            chunk_rows=chunk_rows, progress=progress)
+    else:
+        scored_by = "noisy_linear"
+        log.warning("LRA-diffusion is below the noisy linear probe on validation (%.4f "
+                    "against %.4f): scoring the labels with that probe, cross-fitted over "
+                    "%d folds", fallback["lra_val_accuracy"], fallback["probe_val_accuracy"],
+                    fallback["folds"])
+        scores = _cross_fit(emb, lab, rows=rows, train=train, l2=fallback["l2"],
+                            linear=linear, mean_start=preds.predicted, chunk_rows=chunk_rows,
+                            progress=progress)
     issues = find_label_issues(
         sample_id=emb.sample_id[train], given=lab.observed[train],
         scores=scores.take(np.searchsorted(rows, train)), agreement=nbh.agreement[train],
-        knn=preds.knn_vote[train], clean=lab.clean[train], min_confidence=cfg.min_confidence)
-    summ = summary(issues, samples=cfg.samples, min_confidence=cfg.min_confidence,
-                   val_flag_rate=_val_flag_rate(lab, val, scores.take(np.searchsorted(rows, val)),
-                                                cfg))
+        knn=preds.knn_vote[train], clean=lab.clean[train], min_confidence=cfg.min_confidence,
+        scored_by=scored_by)
+    val_scores = scores.take(np.searchsorted(rows, val))
+    summ = summary(issues, samples=cfg.samples if fallback is None else 0,
+                   min_confidence=cfg.min_confidence,
+                   val_flag_rate=_val_flag_rate(lab, val, val_scores, cfg, scored_by),
+                   scored_by=scored_by, fallback=fallback)
     names = preds.class_names
     refs = image_refs(paths.prepared, issues.sample_id)
     table = issues_table(issues, names, refs)
-    meta = {"class_names": names, "samples": cfg.samples,
-            "min_confidence": cfg.min_confidence, "readout": ckpt["readout"]}
+    meta = {"class_names": names, "samples": summ["stochastic_samples"],
+            "min_confidence": cfg.min_confidence, "readout": ckpt["readout"],
+            "scored_by": scored_by, "flag_rule": FLAG_RULES[scored_by]}
     test = np.flatnonzero((preds.split == "test") & (preds.true != UNKNOWN))
     page = ReportInputs(
         title="LRA-diffusion report",
         facts=_facts(paths, emb, lab, ckpt, nbh),
-        metrics=read_json(paths.metrics, "evaluation metrics"),
+        metrics=metrics,
         train_log=read_train_log(paths.train_log),
         confusion_actual=preds.true[test], confusion_predicted=preds.predicted[test],
         class_names=names, noise=read_json(paths.noise, "noise summary"),
@@ -114,13 +136,48 @@ def build_report(cfg: ReportConfig, paths: ReportPaths, *, device: str, threads:
     return Report(table, meta, summ, render(page))
 
 
-def _val_flag_rate(lab, val: np.ndarray, scores, cfg: ReportConfig) -> float | None:
+def _val_flag_rate(lab, val: np.ndarray, scores, cfg: ReportConfig, scored_by: str
+                   ) -> float | None:
     """Share of the val labels known to be right that the rule flags (false positives)."""
     right = (lab.clean[val] != UNKNOWN) & (lab.clean[val] == lab.observed[val])
     if not right.any():
         return None
-    flags = flag_issues(lab.observed[val], scores, min_confidence=cfg.min_confidence)
+    flags = flag_issues(lab.observed[val], scores, min_confidence=cfg.min_confidence,
+                        scored_by=scored_by)
     return float(flags[right].mean())
+
+
+def _fallback(metrics: dict, *, train_rows: int) -> dict | None:
+    """The cross-fitted probe's settings when evaluate's guard found LRA-diffusion below
+    the noisy linear probe on validation (and recorded the probe's L2) and there are
+    enough train rows for the folds, else None."""
+    model = metrics.get("model", {})
+    l2 = metrics.get("linear_l2", {}).get("noisy_linear")
+    if not model.get("below_baseline") or model.get("baseline") != "noisy_linear" \
+            or l2 is None or train_rows < FOLDS:
+        return None
+    return {"reason": "LRA-diffusion below the noisy linear probe on validation",
+            "lra_val_accuracy": model.get("val_accuracy"),
+            "probe_val_accuracy": model.get("baseline_val_accuracy"),
+            "folds": FOLDS, "l2": l2}
+
+
+def _cross_fit(emb, lab, *, rows: np.ndarray, train: np.ndarray, l2: float,
+               linear: EvaluateConfig, mean_start: np.ndarray, chunk_rows: int,
+               progress: Callable[[int], None] | None) -> RowScores:
+    """pipeline.crossfit's scores of `rows`, with mean_start set to LRA-diffusion's own
+    prediction (evaluate's `predicted`, (N,) int64) so the table keeps it."""
+    fold = assign_folds(len(train))
+    probes = fit_fold_probes(emb, train, lab.observed[train], fold=fold,
+                             num_classes=lab.num_classes, l2=l2, iters=linear.linear_iters,
+                             max_rows=linear.linear_max_rows)
+    fold_by_row = np.full(len(emb.sample_id), -1, dtype=np.int64)
+    fold_by_row[train] = fold
+    scores = cross_fit_scores(emb, probes, rows=rows, fold=fold_by_row, given=lab.observed,
+                              chunk_rows=chunk_rows)
+    if progress is not None:
+        progress(len(emb.sample_id))
+    return RowScores(scores.vote, scores.confidence, mean_start[rows], scores.given_score)
 
 
 def _facts(paths: ReportPaths, emb, lab, ckpt: dict, nbh) -> dict[str, Any]:

@@ -9,7 +9,7 @@ suspect):
     float32, label_score float32, is_label_issue bool, mean_start_label int64,
     neighbour_agreement float32, knn_vote int64, is_corrupted bool? (null where the
     clean label is unknown)
-Schema metadata: class_names, samples, min_confidence, readout, flag_rule.
+Schema metadata: class_names, samples, min_confidence, readout, scored_by, flag_rule.
 (pipeline.issues documents each column.)
 """
 
@@ -31,9 +31,6 @@ from pipeline.errors import ArtifactError
 from pipeline.images import open_image
 from pipeline.issues import LabelIssues
 from pipeline.tables import UNKNOWN
-
-FLAG_RULE = ("predicted_label != given_label and mean_start_label != given_label and "
-             "confidence >= min_confidence")
 
 
 @dataclass(frozen=True)
@@ -147,4 +144,4 @@ def issues_table(issues: LabelIssues, class_names: list[str], refs: list[str]) -
 
 
 def write_issues(path: str | Path, table: pa.Table, *, metadata: dict[str, Any]) -> None:
-    write_table(table, path, metadata={**metadata, "flag_rule": FLAG_RULE})
+    write_table(table, path, metadata=metadata)

@@ -120,7 +120,7 @@ padding:8px;margin:8px 0}.issue .main{flex:0 0 auto;text-align:center;width:150p
 .nb.agree{color:#1b5e20;font-weight:bold}.nb.same{color:#b71c1c}.nb.other{color:#777}
 .flag{display:inline-block;background:#b71c1c;color:#fff;border-radius:3px;padding:0 4px;
 font-size:.75em}
-.note{color:#555;font-size:.85em;max-width:900px}
+.note{color:#555;font-size:.85em;max-width:900px}.warn{color:#8a4b00}
 """
 
 
@@ -169,7 +169,9 @@ def _issue_summary(issues: dict[str, Any]) -> str:
                                         "val_flag_rate", "mean_confidence") if k in issues}
     tables = [key_values(facts)]
     if "detection" in issues:
-        rows = {"LRA-diffusion flag (this table)": issues["detection"],
+        scorer = ("cross-fitted linear probe" if issues.get("scored_by") == "noisy_linear"
+                  else "LRA-diffusion")
+        rows = {f"{scorer} flag (this table)": issues["detection"],
                 **{f"reference: {k.replace('_', ' ')}": v
                    for k, v in issues.get("reference", {}).items()}}
         head = "<tr><th></th><th>precision</th><th>recall</th><th>F1</th><th>AUROC</th></tr>"
@@ -180,6 +182,28 @@ def _issue_summary(issues: dict[str, Any]) -> str:
             for name, q in rows.items())
         tables.append(f"<table>{head}{body}</table>")
     return f'<div class="grid-2">{"".join(tables)}</div>'
+
+
+def _scorer_note(issues: dict[str, Any]) -> str:
+    """How the labels were scored: by the model, or by the cross-fitted probe when the
+    model was below that probe on validation (report.json `fallback`)."""
+    fallback = issues.get("fallback")
+    if issues.get("scored_by") != "noisy_linear" or not fallback:
+        return ("<p class=\"note\">Every training label is scored by the model: the "
+                "suggested label is the majority vote of stochastic DDIM samples, its "
+                "confidence the share of samples that chose it; a label is flagged when both "
+                "that vote and the deterministic prediction reject it. The full ranked table "
+                "is data/report/label_issues.parquet.</p>")
+    lra, probe = fallback.get("lra_val_accuracy"), fallback.get("probe_val_accuracy")
+    numbers = (f" ({lra:.4f} against {probe:.4f})"
+               if isinstance(lra, float) and isinstance(probe, float) else "")
+    return ("<p class=\"note warn\">LRA-diffusion was below the linear probe on the observed "
+            f"labels on validation{escape(numbers)}, so the labels are scored by that probe, "
+            f"cross-fitted over {escape(str(fallback.get('folds')))} folds (each training "
+            "label by a probe that did not see it): the suggested label is the probe's class, "
+            "label score its probability of the given label, and a label is flagged when the "
+            "probe's class differs from it. The full ranked table is "
+            "data/report/label_issues.parquet.</p>")
 
 
 def _nb_class(n: Neighbour) -> str:
@@ -228,15 +252,14 @@ def render(inp: ReportInputs) -> str:
         f"<div><h3>noise</h3>{key_values(inp.noise)}</div>",
         f"<div><h3>retrieval</h3>{key_values(inp.retrieval)}</div></div>",
         "<h2>Label issues</h2>",
-        "<p class=\"note\">Every training label is scored by the model: the suggested label is "
-        "the majority vote of stochastic DDIM samples, its confidence the share of samples "
-        "that chose it; a label is flagged when both that vote and the deterministic "
-        "prediction reject it. The full ranked table is data/report/label_issues.parquet.</p>",
+        _scorer_note(inp.issues),
         _issue_summary(inp.issues),
         "<h2>Most suspect training labels</h2>",
         "<p class=\"note\">Ranked by label score (lowest first). Neighbours' labels in bold "
-        "green are the suggested label, in red the given one. Confidence: the share of "
-        "stochastic samples that voted for the suggested label.</p>",
+        "green are the suggested label, in red the given one. Confidence: ",
+        "the cross-fitted probe's probability of the suggested label.</p>"
+        if inp.issues.get("scored_by") == "noisy_linear" else
+        "the share of stochastic samples that voted for the suggested label.</p>",
         _gallery(inp.gallery),
         "</body></html>\n",
     ])

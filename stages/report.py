@@ -53,7 +53,8 @@ def report(params: ParamsOption = Path("params.yaml"),
                             retrieval_summary=retrieval_summary)
         with tqdm(unit="row", desc="report", disable=not progress, dynamic_ncols=True) as bar:
             result = build_report(p.report, paths, device=dev, threads=threads,
-                                  chunk_rows=chunk_rows, progress=bar.update)
+                                  chunk_rows=chunk_rows, progress=bar.update,
+                                  linear=p.evaluate)
         with StageWriter() as out:
             write_issues(out.path(out_dir / "label_issues.parquet"), result.table,
                          metadata=result.table_meta)

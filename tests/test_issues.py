@@ -52,6 +52,24 @@ def test_flag_needs_vote_and_mean_start_to_reject_the_label():
                        mean_start=np.array([1, 0, 1, 1]), given_score=np.zeros(4))
     assert flag_issues(given, scores, min_confidence=0.0).tolist() == [True, False, False, True]
     assert flag_issues(given, scores, min_confidence=0.5).tolist() == [True, False, False, False]
+    # the cross-fitted probe's flag: its class alone (mean_start is LRA's, not its own)
+    assert flag_issues(given, scores, min_confidence=0.0, scored_by="noisy_linear").tolist() \
+        == [True, True, False, True]
+    with pytest.raises(ValueError, match="scored_by"):
+        flag_issues(given, scores, min_confidence=0.0, scored_by="cleanlab")
+
+
+def test_probe_scores_are_label_scores_as_they_are():
+    given = np.array([0, 1, 2])
+    scores = RowScores(vote=np.array([0, 2, 2]), confidence=np.array([.9, .6, .8], np.float32),
+                       mean_start=np.array([0, 1, 2]),
+                       given_score=np.array([.9, .1, .8], np.float32))
+    issues = find_label_issues(sample_id=np.arange(3), given=given, scores=scores,
+                               agreement=np.ones(3), knn=given, clean=given,
+                               min_confidence=0.0, scored_by="noisy_linear")
+    assert issues.sample_id.tolist() == [1, 2, 0]
+    assert np.allclose(issues.label_score, [.1, .8, .9])
+    assert issues.is_label_issue.tolist() == [True, False, False]
 
 
 def test_ranks_ascending_score_ties_by_sample_id():

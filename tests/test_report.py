@@ -112,6 +112,53 @@ def test_index_html_is_self_contained(pipeline_run):
         assert needle in html, needle
 
 
+def test_a_model_below_the_linear_probe_hands_scoring_to_the_cross_fitted_probe(run_copy):
+    """When evaluate's guard found LRA-diffusion below the noisy linear probe on
+    validation, the table's suggestions, scores and flags come from the out-of-fold probe
+    with evaluate's chosen L2; mean_start_label stays LRA-diffusion's prediction."""
+    from pipeline.crossfit import FOLDS, assign_folds
+    from pipeline.linear import fit_linear
+    from pipeline.tables import open_embeddings, read_labels
+
+    metrics = json.loads(run_copy.path("metrics").read_text())
+    metrics["model"].update(below_baseline=True, baseline="noisy_linear",
+                            baseline_val_accuracy=0.99)
+    run_copy.path("metrics").write_text(json.dumps(metrics))
+    result = invoke(stage_args("report", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 0, result.stderr
+    assert "scoring the labels with that probe" in result.stderr
+    report = json.loads(run_copy.path("report_json").read_text())
+    l2 = metrics["linear_l2"]["noisy_linear"]
+    assert report["scored_by"] == "noisy_linear"
+    assert report["fallback"]["l2"] == l2 and report["fallback"]["folds"] == FOLDS
+    assert report["fallback"]["probe_val_accuracy"] == 0.99
+    assert report["stochastic_samples"] == 0
+    table = pq.read_table(run_copy.path("label_issues"))
+    meta = read_metadata(table.schema)
+    assert meta["scored_by"] == "noisy_linear" and "out-of-fold" in meta["flag_rule"]
+    t = {name: _col(table, name) for name in COLUMNS}
+    assert np.array_equal(t["is_label_issue"], t["predicted_label"] != t["given_label"])
+    preds = pq.read_table(run_copy.path("predictions"))
+    assert np.array_equal(t["mean_start_label"], _col(preds, "predicted")[t["sample_id"]])
+    # fold 0's rows are scored by a probe fitted here on the other folds
+    emb = open_embeddings(run_copy.path("embeddings"))
+    lab = read_labels(run_copy.path("labels"))
+    train = emb.rows("train")
+    fold = assign_folds(len(train))
+    x, y = emb.read_rows(train), lab.observed[train]
+    probe = fit_linear(x[fold != 0], y[fold != 0], num_classes=lab.num_classes, l2=l2,
+                       iters=run_copy.params["evaluate"]["linear_iters"])
+    proba = probe.predict_proba(x[fold == 0])
+    where = {sid: i for i, sid in enumerate(t["sample_id"])}
+    mine = [where[sid] for sid in train[fold == 0]]
+    assert np.allclose(t["label_score"][mine], proba[np.arange(len(proba)), y[fold == 0]],
+                       atol=1e-5)
+    assert np.array_equal(t["predicted_label"][mine], proba.argmax(1))
+    assert (np.diff(t["label_score"]) >= 0).all()
+    html = run_copy.path("report_html").read_text()
+    assert "cross-fitted over 5 folds" in html and "cross-fitted linear probe flag" in html
+
+
 def test_bad_report_params_are_usage_errors(run_copy, tmp_path):
     for section, needles in (({"samples": 0}, ("report.samples", ">= 1")),
                              ({"min_confidence": 2}, ("report.min_confidence", "[0, 1]")),

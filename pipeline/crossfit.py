@@ -18,9 +18,11 @@ this scorer's AUROC 0.775 / 0.802 / 0.775 and F1 0.802 / 0.832 / 0.820.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from pipeline.issues import RowScores
+from pipeline.issues import RowScores, selected_chunks
 from pipeline.linear import LinearProbe, fit_linear
 from pipeline.tables import EmbeddingsFile
 
@@ -57,8 +59,8 @@ def fit_fold_probes(emb: EmbeddingsFile, train: np.ndarray, labels: np.ndarray, 
 
 
 def cross_fit_scores(emb: EmbeddingsFile, probes: list[LinearProbe], *, rows: np.ndarray,
-                     fold: np.ndarray, given: np.ndarray, chunk_rows: int = 4096
-                     ) -> RowScores:
+                     fold: np.ndarray, given: np.ndarray, chunk_rows: int = 4096,
+                     progress: Callable[[int], None] | None = None) -> RowScores:
     """Score the increasing row positions `rows` ((n,) int64), streaming chunk_rows rows
     at a time. fold: (N,) int64 over every row position, the row's fold for train rows
     and -1 for the rest (scored by the mean of all fold probes); given: (N,) int64.
@@ -66,24 +68,13 @@ def cross_fit_scores(emb: EmbeddingsFile, probes: list[LinearProbe], *, rows: np
     Returns RowScores with vote = mean_start = the probe's class, confidence its
     probability and given_score the probability of the given label (all in [0, 1]).
     """
-    selected = np.zeros(len(emb.sample_id), dtype=bool)
-    selected[rows] = True
-    n = len(rows)
-    out = RowScores(np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64),
-                    np.empty(n, np.float32))
-    done = 0
-    for start, raw in emb.iter_chunks(chunk_rows):
-        pick = np.flatnonzero(selected[start:start + len(raw)])
-        if not len(pick):
-            continue
-        x = raw[pick]
+    out = RowScores.empty(len(rows))
+    for positions, x, part in selected_chunks(emb, rows, chunk_rows, progress):
         per_probe = np.stack([p.predict_proba(x) for p in probes])  # (F, m, C) float64
-        own = fold[start + pick]  # (m,)
-        proba = np.where((own >= 0)[:, None], per_probe[np.maximum(own, 0), np.arange(len(pick))],
+        own = fold[positions]  # (m,)
+        proba = np.where((own >= 0)[:, None], per_probe[np.maximum(own, 0), np.arange(len(x))],
                          per_probe.mean(axis=0))  # (m, C)
-        part = slice(done, done + len(pick))
         out.vote[part] = out.mean_start[part] = proba.argmax(axis=1)
         out.confidence[part] = proba.max(axis=1)
-        out.given_score[part] = proba[np.arange(len(pick)), given[start + pick]]
-        done += len(pick)
+        out.given_score[part] = proba[np.arange(len(x)), given[positions]]
     return out

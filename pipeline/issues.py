@@ -43,7 +43,7 @@ seeded, chunk-independent stochastic vote); everything else is NumPy on (n,) arr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +65,11 @@ class RowScores:
     mean_start: np.ndarray
     given_score: np.ndarray
 
+    @staticmethod
+    def empty(n: int) -> RowScores:
+        return RowScores(np.empty(n, np.int64), np.empty(n, np.float32),
+                         np.empty(n, np.int64), np.empty(n, np.float32))
+
     def take(self, rows: np.ndarray) -> RowScores:
         return RowScores(self.vote[rows], self.confidence[rows], self.mean_start[rows],
                          self.given_score[rows])
@@ -81,25 +86,33 @@ def score_rows(emb: EmbeddingsFile, scorer: DiffusionScorer, *, rows: np.ndarray
     scorer.samples >= 1."""
     if scorer.samples < 1:
         raise ValueError(f"the scorer needs samples >= 1 for a vote, got {scorer.samples}")
+    out = RowScores.empty(len(rows))
+    for positions, x, part in selected_chunks(emb, rows, chunk_rows, progress):
+        chunk = scorer.score(x, first_row=part.start)
+        out.vote[part] = chunk.vote
+        out.confidence[part] = chunk.confidence
+        out.mean_start[part] = chunk.predicted
+        out.given_score[part] = chunk.scores[np.arange(len(x)), given[positions]]
+    return out
+
+
+def selected_chunks(emb: EmbeddingsFile, rows: np.ndarray, chunk_rows: int,
+                    progress: Callable[[int], None] | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, slice]]:
+    """Stream the increasing row positions `rows` ((n,) int64) of the embeddings,
+    chunk_rows rows read at a time: yields (positions (m,) int64, their vectors (m, D)
+    float32, the slice of `rows` they are) for every chunk holding any; progress gets
+    every chunk's row count."""
     selected = np.zeros(len(emb.sample_id), dtype=bool)
     selected[rows] = True
-    n = len(rows)
-    out = RowScores(np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64),
-                    np.empty(n, np.float32))
     done = 0
     for start, raw in emb.iter_chunks(chunk_rows):
         pick = np.flatnonzero(selected[start:start + len(raw)])
         if len(pick):
-            chunk = scorer.score(raw[pick], first_row=done)
-            part = slice(done, done + len(pick))
-            out.vote[part] = chunk.vote
-            out.confidence[part] = chunk.confidence
-            out.mean_start[part] = chunk.predicted
-            out.given_score[part] = chunk.scores[np.arange(len(pick)), given[start + pick]]
+            yield start + pick, raw[pick], slice(done, done + len(pick))
             done += len(pick)
         if progress is not None:
             progress(len(raw))
-    return out
 
 
 SCORE_SLOPE = 8.0

@@ -174,9 +174,7 @@ def _cross_fit(emb, lab, *, rows: np.ndarray, train: np.ndarray, l2: float,
     fold_by_row = np.full(len(emb.sample_id), -1, dtype=np.int64)
     fold_by_row[train] = fold
     scores = cross_fit_scores(emb, probes, rows=rows, fold=fold_by_row, given=lab.observed,
-                              chunk_rows=chunk_rows)
-    if progress is not None:
-        progress(len(emb.sample_id))
+                              chunk_rows=chunk_rows, progress=progress)
     return RowScores(scores.vote, scores.confidence, mean_start[rows], scores.given_score)
 
 

@@ -13,12 +13,15 @@ cleaned labels feed any training code, this pipeline included (`data.source: man
     original_label  int64    the label the model was trained on (labels.parquet's
                              observed_label)
     label_name      string   class name of `label`
-    is_label_issue  bool     the decision: the model disagrees with the original label
+    is_label_issue  bool     the decision: the report's scorer disagrees with the original
+                             label (the model, or the cross-fitted linear probe where the
+                             model was below it on validation: report.json `scored_by`)
     sample_id       int64    the pipeline's sample id
 
 Policies (applied to the train split; val and test rows are never changed):
     keep     every row, labels unchanged
-    relabel  flagged train rows take the model's predicted label
+    relabel  flagged train rows take the issues table's predicted label (the model's
+             prediction when read from predictions.parquet)
     drop     flagged train rows are left out
 
 Decisions come from an issues table: data/report/label_issues.parquet (`is_label_issue`,

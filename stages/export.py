@@ -22,7 +22,7 @@ def _policy(value: str) -> str:
 @app.command()
 def export(policy: Annotated[str, typer.Option(
                "--policy", callback=_policy,
-               help="relabel: disputed train labels take the model's predicted label; "
+               help="relabel: disputed train labels take the suggested label; "
                     "drop: disputed train rows are left out; keep: labels unchanged.")],
            out: Annotated[Path, typer.Option(
                "--out", help="The manifest: .csv or .parquet / .pq (by the suffix). For "

@@ -29,8 +29,8 @@ precision (the vote alone at 0.5: precision 0.99, recall 0.68), because with
 y_T ~ N(0, I) the vote share is low even where the vote is right (mean 0.56).
 
 When LRA-diffusion trails the noisy linear probe on validation (metrics.json
-`model.below_baseline`, baseline noisy_linear), the report scores the labels with that
-probe instead, cross-fitted so that no label scores itself (pipeline.crossfit):
+`model.below_baseline`, baseline noisy_linear) by more than two standard errors
+(pipeline.crossfit.clearly_ahead), the report scores the labels with that probe instead, cross-fitted so that no label scores itself (pipeline.crossfit):
 predicted_label and confidence are then the out-of-fold probe's class and probability,
 label_score its probability of the given label, mean_start_label stays LRA-diffusion's
 prediction, and the flag is the probe's class != given_label (FLAG_RULES). report.json

@@ -21,7 +21,8 @@ import torch
 from pipeline.artifacts import read_json, read_table
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import EvaluateConfig, ReportConfig
-from pipeline.crossfit import FOLDS, assign_folds, cross_fit_scores, fit_fold_probes
+from pipeline.crossfit import (FOLDS, STANDARD_ERRORS, assign_folds, clearly_ahead,
+                               cross_fit_scores, fit_fold_probes)
 from pipeline.errors import ArtifactError
 from pipeline.inference import DiffusionScorer
 from pipeline.issues import (FLAG_RULES, LabelIssues, RowScores, find_label_issues,
@@ -89,7 +90,7 @@ def build_report(cfg: ReportConfig, paths: ReportPaths, *, device: str, threads:
     metrics = read_json(paths.metrics, "evaluation metrics")
     train, val = emb.rows("train"), emb.rows("val")
     rows = np.union1d(train, val)
-    fallback = _fallback(metrics, train_rows=len(train))
+    fallback = _fallback(metrics, train_rows=len(train), val_rows=len(val))
     if fallback is None:
         scored_by = "lra_diffusion"
         scorer = DiffusionScorer.from_checkpoint(net, ckpt, num_classes=lab.num_classes,
@@ -147,18 +148,24 @@ def _val_flag_rate(lab, val: np.ndarray, scores, cfg: ReportConfig, scored_by: s
     return float(flags[right].mean())
 
 
-def _fallback(metrics: dict, *, train_rows: int) -> dict | None:
+def _fallback(metrics: dict, *, train_rows: int, val_rows: int) -> dict | None:
     """The cross-fitted probe's settings when evaluate's guard found LRA-diffusion below
-    the noisy linear probe on validation (and recorded the probe's L2) and there are
-    enough train rows for the folds, else None."""
+    the noisy linear probe on validation (and recorded the probe's L2), the probe is
+    clearly ahead over the val_rows validation rows (`clearly_ahead`), and there are
+    enough train rows for the folds; else None."""
     model = metrics.get("model", {})
     l2 = metrics.get("linear_l2", {}).get("noisy_linear")
     if not model.get("below_baseline") or model.get("baseline") != "noisy_linear" \
             or l2 is None or train_rows < FOLDS:
         return None
+    lra, probe = model.get("val_accuracy"), model.get("baseline_val_accuracy")
+    if not clearly_ahead(probe, lra, val_rows):
+        log.info("the noisy linear probe's validation accuracy %.4f is within %.0f standard "
+                 "errors of LRA-diffusion's %.4f: the labels stay scored by the model",
+                 probe, STANDARD_ERRORS, lra)
+        return None
     return {"reason": "LRA-diffusion below the noisy linear probe on validation",
-            "lra_val_accuracy": model.get("val_accuracy"),
-            "probe_val_accuracy": model.get("baseline_val_accuracy"),
+            "lra_val_accuracy": lra, "probe_val_accuracy": probe, "val_rows": val_rows,
             "folds": FOLDS, "l2": l2}
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.crossfit import FOLDS, assign_folds, cross_fit_scores, fit_fold_probes
+from pipeline.crossfit import (FOLDS, assign_folds, clearly_ahead, cross_fit_scores,
+                               fit_fold_probes)
 from pipeline.issues import auroc
 from pipeline.linear import fit_linear
 from pipeline.tables import open_embeddings, write_embeddings
@@ -115,3 +116,14 @@ def test_out_of_fold_scores_find_flipped_labels(tmp_path):
     flag = scores.vote[emb_rows] != observed[emb_rows]
     precision, recall = flag[flipped].sum() / flag.sum(), flag[flipped].mean()
     assert precision > 0.65 and recall > 0.85, (precision, recall)
+
+
+def test_the_probe_must_be_clearly_ahead_to_take_over():
+    # digits PMD 70 %, seed 0: 21 points over 359 rows (2 SE = 7.3 points)
+    assert clearly_ahead(0.602, 0.390, 359)
+    # synth10k 40 % symmetric, seed 0: half a point over 1,111 rows (2 SE = 1.9 points)
+    assert not clearly_ahead(0.950, 0.944, 1111)
+    # the same gap is clear over enough rows, never when behind or without rows
+    assert clearly_ahead(0.950, 0.944, 100_000)
+    assert not clearly_ahead(0.390, 0.602, 359)
+    assert not clearly_ahead(0.9, 0.5, 0)

@@ -132,6 +132,8 @@ def test_a_model_below_the_linear_probe_hands_scoring_to_the_cross_fitted_probe(
     assert report["scored_by"] == "noisy_linear"
     assert report["fallback"]["l2"] == l2 and report["fallback"]["folds"] == FOLDS
     assert report["fallback"]["probe_val_accuracy"] == 0.99
+    assert report["fallback"]["val_rows"] == int((_col(pq.read_table(run_copy.path("labels")),
+                                                       "split") == "val").sum())
     assert report["stochastic_samples"] == 0
     table = pq.read_table(run_copy.path("label_issues"))
     meta = read_metadata(table.schema)
@@ -157,6 +159,23 @@ def test_a_model_below_the_linear_probe_hands_scoring_to_the_cross_fitted_probe(
     assert (np.diff(t["label_score"]) >= 0).all()
     html = run_copy.path("report_html").read_text()
     assert "cross-fitted over 5 folds" in html and "cross-fitted linear probe flag" in html
+
+
+def test_a_probe_within_the_noise_leaves_the_scoring_to_the_model(run_copy, pipeline_run):
+    """The guard fires at half a point; the report switches only when the probe is
+    clearly ahead (pipeline.crossfit.clearly_ahead): here a 0.6-point gap over the
+    reduced run's validation rows is not, and the outputs stay the model's."""
+    metrics = json.loads(run_copy.path("metrics").read_text())
+    lra = metrics["model"]["val_accuracy"]
+    metrics["model"].update(below_baseline=True, baseline="noisy_linear",
+                            baseline_val_accuracy=lra + 0.006)
+    run_copy.path("metrics").write_text(json.dumps(metrics))
+    result = invoke(stage_args("report", run_copy.root, run_copy.params_path))
+    assert result.exit_code == 0, result.stderr
+    assert "stay scored by the model" in result.stderr
+    report = json.loads(run_copy.path("report_json").read_text())
+    assert report["scored_by"] == "lra_diffusion" and "fallback" not in report
+    assert hashes(run_copy.root, REPORT[:1]) == hashes(pipeline_run.root, REPORT[:1])
 
 
 def test_bad_report_params_are_usage_errors(run_copy, tmp_path):

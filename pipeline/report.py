@@ -175,6 +175,8 @@ def _cross_fit(emb, lab, *, rows: np.ndarray, train: np.ndarray, l2: float,
     """pipeline.crossfit's scores of `rows`, with mean_start set to LRA-diffusion's own
     prediction (evaluate's `predicted`, (N,) int64) so the table keeps it."""
     fold = assign_folds(len(train))
+    log.info("fitting %d linear probes, each on the train rows outside its fold (at most "
+             "%d rows; CIFAR scale: ~4 s each)", FOLDS, linear.linear_max_rows)
     probes = fit_fold_probes(emb, train, lab.observed[train], fold=fold,
                              num_classes=lab.num_classes, l2=l2, iters=linear.linear_iters,
                              max_rows=linear.linear_max_rows)

@@ -54,7 +54,7 @@ from pipeline.errors import ArtifactError, ConfigError
 logger = logging.getLogger(__name__)
 
 NAMED_MAPS = ("pair", "cifar10", "cifar100")
-FILE_FORMATS = (".npy", ".npz", ".csv", ".pt", ".pth", ".pkl", ".pickle")
+FILE_FORMATS = (".npy", ".npz", ".csv", ".parquet", ".pq", ".pt", ".pth", ".pkl", ".pickle")
 
 # CIFAR-10 class indices: 0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog,
 # 6 frog, 7 horse, 8 ship, 9 truck.
@@ -327,8 +327,10 @@ def read_noise_file(spec: str, *, n: int, num_classes: int,
       .pt / .pth    a torch-saved dict or array (CIFAR-N's files); torch.load with
                     weights_only=True plus the NumPy array types, never arbitrary code
       .pkl/.pickle  a pickled dict or array (same restricted unpickler as .npy)
-      .csv          header with `sample_id` and `label` columns, one row per sample;
-                    must cover every given sample id exactly once (extra ids allowed)
+      .csv, .parquet / .pq
+                    a table with `sample_id` and `label` columns (others ignored, so
+                    `lra export`'s manifest is one), one row per sample; must cover
+                    every given sample id exactly once (extra ids allowed)
 
     An array of length n is positional: element i is the label of train row i. A longer
     array is indexed by `sample_ids` (e.g. CIFAR-10N's 50,000 labels while the train
@@ -348,8 +350,8 @@ def read_noise_file(spec: str, *, n: int, num_classes: int,
 def _read_noise_file(path: Path, key: str | None, *, n: int, num_classes: int,
                      sample_ids: np.ndarray | None) -> np.ndarray:
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(path, n=n, num_classes=num_classes, sample_ids=sample_ids)
+    if suffix in (".csv", ".parquet", ".pq"):
+        return _read_id_labels(path, n=n, num_classes=num_classes, sample_ids=sample_ids)
     if suffix == ".npy":
         obj = _load_npy(path)
     elif suffix == ".npz":
@@ -425,27 +427,50 @@ def _check_file_labels(labels: Any, path: Path, *, n: int, num_classes: int,
     return _check_range(arr.astype(np.int64), num_classes, f"noise.file: {path}")
 
 
-def _read_csv(path: Path, *, n: int, num_classes: int,
-              sample_ids: np.ndarray | None) -> np.ndarray:
+def _id_label_columns(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The sample_id and label columns (names matched case-insensitively) of a CSV or
+    Parquet table, as (rows,) int64 arrays; one-line errors for anything else."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    parquet = path.suffix.lower() in (".parquet", ".pq")
+    try:
+        names = pq.read_schema(path).names if parquet else pacsv.open_csv(path).schema.names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtifactError(f"noise.file: {path} is not a readable "
+                            f"{'Parquet' if parquet else 'CSV'} table ({_one_line(exc)})") from None
+    by_lower = {name.strip().lower(): name for name in names}
+    if "sample_id" not in by_lower or "label" not in by_lower:
+        raise ArtifactError(f"noise.file: {path} header {','.join(names)!r} lacks the "
+                            "columns sample_id and label")
+    cols = [by_lower["sample_id"], by_lower["label"]]
+    try:
+        if parquet:
+            table = pq.read_table(path, columns=cols)
+        else:
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+                include_columns=cols, column_types={c: pa.int64() for c in cols}))
+        out = [table.column(c).cast(pa.int64()) for c in cols]  # safe: 1.5 is refused
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise ArtifactError(f"noise.file: {path} has a row that is not integer "
+                            f"sample_id,label ({_one_line(exc)})") from None
+    if any(col.null_count for col in out):
+        raise ArtifactError(f"noise.file: {path} has an empty sample_id or label")
+    return tuple(col.to_numpy() for col in out)
+
+
+def _read_id_labels(path: Path, *, n: int, num_classes: int,
+                    sample_ids: np.ndarray | None) -> np.ndarray:
+    """A sample_id,label table (CSV with any quoting, or Parquet; other columns ignored,
+    so `lra export`'s manifest is one) mapped onto the n train sample ids."""
     if sample_ids is None:
-        raise ArtifactError(f"noise.file: {path} is a sample_id,label CSV, which needs the "
+        raise ArtifactError(f"noise.file: {path} is a sample_id,label table, which needs the "
                             "train sample ids")
     ids = np.asarray(sample_ids, dtype=np.int64)
     if ids.shape != (n,):
         raise ArtifactError(f"noise.file: got {ids.shape} sample ids for {n} train rows")
-    with path.open(encoding="utf-8") as fh:
-        header = [h.strip().lower() for h in fh.readline().split(",")]
-    if "sample_id" not in header or "label" not in header:
-        raise ArtifactError(f"noise.file: {path} header {','.join(header)!r} lacks the "
-                            "columns sample_id and label")
-    cols = (header.index("sample_id"), header.index("label"))
-    try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, usecols=cols, dtype=np.int64,
-                           ndmin=2, encoding="utf-8")
-    except ValueError as exc:
-        raise ArtifactError(f"noise.file: {path} has a row that is not integer "
-                            f"sample_id,label ({_one_line(exc)})") from None
-    file_ids, file_labels = table[:, 0], table[:, 1]
+    file_ids, file_labels = _id_label_columns(path)
     order = np.argsort(file_ids, kind="stable")
     sorted_ids = file_ids[order]
     dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]

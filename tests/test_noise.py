@@ -371,6 +371,36 @@ def test_file_csv_with_shuffled_ids(tmp_path):
     np.testing.assert_array_equal(out, labels)
 
 
+def test_file_tables_with_quoting_extra_columns_and_parquet(tmp_path):
+    """`lra export`'s manifest as a noise file: quoted strings (a path with a comma),
+    other columns, capitalised names; and the same as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = np.array([5, 3, 9])
+    text = ('"path","Label","split","SAMPLE_ID"\n'
+            '"a,b.png",2,"train",3\n"c.png",1,"train",5\n"d.png",0,"train",9\n'
+            '"e.png",4,"val",11\n')
+    (tmp_path / "m.csv").write_text(text)
+    out = make_noisy_labels(np.zeros(3, dtype=np.int64), num_classes=5,
+                            cfg=file_cfg(tmp_path / "m.csv"), sample_ids=ids)
+    np.testing.assert_array_equal(out, [1, 2, 0])
+    pq.write_table(pa.table({"sample_id": [9, 5, 3, 11], "label": [0, 1, 2, 4],
+                             "path": ["x", "y", "z", "w"]}), tmp_path / "m.parquet")
+    out = make_noisy_labels(np.zeros(3, dtype=np.int64), num_classes=5,
+                            cfg=file_cfg(tmp_path / "m.parquet"), sample_ids=ids)
+    np.testing.assert_array_equal(out, [1, 2, 0])
+    pq.write_table(pa.table({"sample_id": [9, 5, 3], "label": [0.0, 1.5, 2.0]}),
+                   tmp_path / "f.parquet")
+    with pytest.raises(ArtifactError, match="not integer"):
+        make_noisy_labels(np.zeros(3, dtype=np.int64), num_classes=5,
+                          cfg=file_cfg(tmp_path / "f.parquet"), sample_ids=ids)
+    (tmp_path / "empty.csv").write_text("sample_id,label\n3,\n5,1\n9,0\n")
+    with pytest.raises(ArtifactError, match="empty sample_id or label"):
+        make_noisy_labels(np.zeros(3, dtype=np.int64), num_classes=5,
+                          cfg=file_cfg(tmp_path / "empty.csv"), sample_ids=ids)
+
+
 def test_file_csv_errors(tmp_path):
     ids = np.arange(4)
     clean = np.zeros(4, dtype=np.int64)

@@ -16,8 +16,8 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import (STAGES, assert_one_line_error, invoke, small_params, stage_args,
-                      write_params)
+from conftest import (STAGES, assert_one_line_error, deep_merge, invoke, small_params,
+                      stage_args, write_params)
 from PIL import Image
 
 from pipeline.config import DataConfig
@@ -245,6 +245,30 @@ def test_export_reads_the_report_issue_table(pipeline_run, tmp_path):
     out2 = tmp_path / "d.csv"
     export(pipeline_run.root, "drop", out2, "--issues", issues)
     assert len(pl.read_csv(out2)) == len(table) - len(flagged_ids)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_an_exported_manifest_is_a_noise_file_for_a_second_round(run_copy, tmp_path, suffix):
+    """The relabel round of README, Troubleshooting: `lra export --policy relabel`, then
+    `noise.kind: file` with `noise.file:` that manifest. The noise stage reads the
+    exported train labels as the observed labels; val and test stay clean."""
+    out = tmp_path / f"relabel{suffix}"
+    export(run_copy.root, "relabel", out)
+    exported = pl.read_csv(out) if suffix == ".csv" else pl.read_parquet(out)
+    params = deep_merge(run_copy.params, {"noise": {"kind": "file", "file": str(out)}})
+    result = invoke(stage_args("noise", run_copy.root,
+                               write_params(tmp_path / "p.yaml", params)))
+    assert result.exit_code == 0, result.stderr
+    labels = pl.read_parquet(run_copy.path("labels"))
+    joined = labels.join(exported.select("sample_id", "label"), on="sample_id")
+    train = joined.filter(pl.col("split") == "train")
+    assert len(train) == int((labels["split"] == "train").sum())
+    assert (train["observed_label"] == train["label"]).all()
+    relabelled = exported.filter((pl.col("split") == "train")
+                                 & (pl.col("label") != pl.col("original_label")))
+    assert len(relabelled) > 0  # the round changed some labels, and the stage took them
+    rest = labels.filter(pl.col("split") != "train")
+    assert (rest["observed_label"] == rest["clean_label"]).all()
 
 
 def test_export_of_a_file_source_points_at_its_images_and_feeds_prepare(folder_run,

@@ -1,4 +1,5 @@
-"""bench/label_issues.py's metric function on a hand-made example (no cleanlab needed)."""
+"""bench/label_issues.py's metric function on a hand-made example (no cleanlab needed), and
+bench/relabel_round.py's relabel rule."""
 
 import numpy as np
 import pytest
@@ -98,3 +99,17 @@ def test_parallel_grid_starts_the_longest_cells_first():
         "synth45k/sym40/0", "synth45k/pair40/0", "rgb3072/sym40/0", "digits64/sym40/0",
         "other/x/0"]
     assert set(accuracy.CELL_SECONDS) == set(accuracy.SPACES)
+
+
+def test_relabel_round_takes_the_suggestion_only_where_flagged(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.relabel_round import relabelled
+
+    pq.write_table(pa.table({"sample_id": [4, 1, 7], "given_label": [0, 2, 1],
+                             "predicted_label": [3, 3, 3],
+                             "is_label_issue": [True, False, True]}),
+                   tmp_path / "label_issues.parquet")
+    ids, label = relabelled(tmp_path / "label_issues.parquet")
+    assert ids.tolist() == [4, 1, 7] and label.tolist() == [3, 2, 3]

@@ -21,29 +21,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import yaml
 
 from bench.accuracy import NOISES, cell_params, load_results, run_cell, save_results
 from bench.label_issues import run_pipeline
 from bench.spaces import DIGIT_SPACES, SPACES, build_space
+from pipeline.export import apply_policy, read_decisions
+from pipeline.tables import Labels, read_labels
 
 RESULTS = Path("bench/results/relabel_round.json")
 
 
-def relabelled(issues_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(sample_id, label) of the train rows: the suggested label where the report flags
-    the given one, else the given label (`lra export --policy relabel`'s rule)."""
-    t = pq.read_table(issues_path, columns=["sample_id", "given_label", "predicted_label",
-                                            "is_label_issue"]).to_pydict()
-    label = np.where(t["is_label_issue"], t["predicted_label"], t["given_label"])
-    return np.asarray(t["sample_id"], dtype=np.int64), label.astype(np.int64)
-
-
-def relabelled_given(first: Path) -> np.ndarray:
-    """The given train labels in label_issues.parquet's row order (for the right share)."""
-    return np.asarray(pq.read_table(first / "report/label_issues.parquet",
-                                    columns=["given_label"]).column(0).to_pylist())
+def relabel_table(issues: Path, lab: Labels) -> tuple[np.ndarray, np.ndarray]:
+    """(sample_id, label) of every row after `lra export --policy relabel` (its own
+    functions): flagged train labels take the suggested label, the rest stay."""
+    rows, label = apply_policy("relabel", lab, read_decisions(issues, lab))
+    return lab.sample_id[rows], label
 
 
 def run_round(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict:
@@ -54,20 +47,18 @@ def run_round(space_dir: Path, params: dict, work: Path, *, threads: int) -> dic
     started = time.perf_counter()
     run_pipeline(space_dir, params, first, threads=threads)
     report = json.loads((first / "report/report.json").read_text())
-    ids, label = relabelled(first / "report/label_issues.parquet")
+    lab = read_labels(first / "labels/labels.parquet")
+    ids, label = relabel_table(first / "report/label_issues.parquet", lab)
     table = work / "relabel.csv"
     table.write_text("sample_id,label\n" + "".join(f"{a},{b}\n" for a, b in zip(ids, label)))
-    labels = pq.read_table(first / "labels/labels.parquet",
-                           columns=["sample_id", "clean_label"]).to_pydict()
-    clean = dict(zip(labels["sample_id"], labels["clean_label"]))
-    truth = np.array([clean[i] for i in ids.tolist()])
+    train = lab.split == "train"  # relabel keeps every row: positions = sample ids
     again = json.loads(json.dumps(params))
     again["noise"] = {**again["noise"], "kind": "file", "file": str(table)}
     m1 = json.loads((first / "evaluate/metrics.json").read_text())
     m2 = run_cell(space_dir, again, second, threads=threads)
     return {"scored_by": report["scored_by"],
-            "relabelled_right": float((label == truth).mean()),
-            "given_right": float((relabelled_given(first) == truth).mean()),
+            "relabelled_right": float((label[train] == lab.clean[train]).mean()),
+            "given_right": float((lab.observed[train] == lab.clean[train]).mean()),
             "round1": {k: m1[k] for k in ("test_accuracy", "val_accuracy", "model")},
             "round2": {k: m2[k] for k in ("test_accuracy", "val_accuracy", "model")},
             "seconds": round(time.perf_counter() - started, 1)}

@@ -65,14 +65,17 @@ def fit_fold_probes(emb: EmbeddingsFile, train: np.ndarray, labels: np.ndarray, 
     at most max_rows rows (a fixed random subset of the other folds), as evaluate caps
     its probes, so memory does not grow with the dataset.
     """
+    # Within the cap, read the train rows once, not once per fold.
+    whole = emb.read_rows(train) if len(train) <= max_rows else None
     probes = []
     for f in range(int(fold.max()) + 1):
         others = np.flatnonzero(fold != f)
         if len(others) > max_rows:
             pick = np.random.default_rng(f).choice(len(others), max_rows, replace=False)
             others = others[np.sort(pick)]
-        probes.append(fit_linear(emb.read_rows(train[others]), labels[others],
-                                 num_classes=num_classes, l2=l2, iters=iters))
+        x = whole[others] if whole is not None else emb.read_rows(train[others])
+        probes.append(fit_linear(x, labels[others], num_classes=num_classes, l2=l2,
+                                 iters=iters))
     return probes
 
 

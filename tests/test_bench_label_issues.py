@@ -105,11 +105,20 @@ def test_relabel_round_takes_the_suggestion_only_where_flagged(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bench.relabel_round import relabelled
+    from bench.relabel_round import relabel_table
+    from pipeline.tables import read_labels, write_labels
 
+    write_labels(tmp_path / "labels.parquet", sample_id=np.arange(9),
+                 split=np.array(["train"] * 8 + ["val"], dtype=object),
+                 clean=np.zeros(9, dtype=np.int64),
+                 observed=np.array([0, 2, 0, 0, 0, 0, 0, 1, 0]),
+                 metadata={"num_classes": 4, "class_names": list("abcd")})
     pq.write_table(pa.table({"sample_id": [4, 1, 7], "given_label": [0, 2, 1],
                              "predicted_label": [3, 3, 3],
                              "is_label_issue": [True, False, True]}),
                    tmp_path / "label_issues.parquet")
-    ids, label = relabelled(tmp_path / "label_issues.parquet")
-    assert ids.tolist() == [4, 1, 7] and label.tolist() == [3, 2, 3]
+    ids, label = relabel_table(tmp_path / "label_issues.parquet",
+                               read_labels(tmp_path / "labels.parquet"))
+    assert ids.tolist() == list(range(9))
+    assert label[[4, 1, 7]].tolist() == [3, 2, 3]
+    assert label[[0, 2, 8]].tolist() == [0, 0, 0]  # not in the table / not train: kept

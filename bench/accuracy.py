@@ -6,6 +6,8 @@ the pipeline's own stages (noise -> retrieve -> train -> evaluate).
     uv run python -m bench.accuracy --quick    # the digits spaces, seed 0 (15 cells)
     uv run python -m bench.accuracy --spaces rgb3072 --noises pmd70 --seeds 0 1 2
     uv run python -m bench.accuracy --quick --jobs 1   # one cell at a time
+    uv run python -m bench.accuracy --quick --retrieve-k auto \
+        --out bench/results/accuracy_k_auto.json         # k chosen on validation
 
 Cells run `--jobs` at a time (default: one per usable CPU, each on one thread). The
 digits cells train on one thread anyway (their steps are too small to split,
@@ -107,6 +109,7 @@ def run_cell(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict
              device="auto", chunk_rows=4096, threads=threads, progress=False)
     metrics = json.loads((work / "evaluate/metrics.json").read_text())
     metrics["train"] = json.loads((work / "model/train.json").read_text())
+    metrics["retrieval"] = json.loads((work / "retrieval/retrieval.json").read_text())
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     return metrics
 
@@ -165,6 +168,18 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
+def cell_k(cell: dict) -> int:
+    """The k a cell retrieved with: the one retrieve chose (retrieve.k = auto), else
+    the params' (cells run before retrieval.json was kept)."""
+    return cell["metrics"].get("retrieval", {}).get("k", cell["params"]["retrieve"]["k"])
+
+
+def cell_ks(cells: list[dict]) -> str:
+    """'10' when every seed used the same k, else the ks in seed order ('50/50/20')."""
+    ks = [cell_k(c) for c in sorted(cells, key=lambda c: c["seed"])]
+    return str(ks[0]) if len(set(ks)) == 1 else "/".join(str(k) for k in ks)
+
+
 def table(results: dict) -> str:
     """Markdown: one row per (space, noise), test accuracy mean ± sd over the seeds run
     on the current version of the space (cells on an older one are left out)."""
@@ -173,9 +188,9 @@ def table(results: dict) -> str:
         if cell.get("space_version") != space_version(cell["space"]):
             continue
         groups.setdefault((cell["space"], cell["noise"]), []).append(cell)
-    lines = ["| space | noise | rate | seeds | LRA-diffusion | kNN vote | noisy linear | "
+    lines = ["| space | noise | rate | seeds | k | LRA-diffusion | kNN vote | noisy linear | "
              "clean linear | LRA - best baseline | below baseline (val) | s / cell |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for space in SPACES:
         for noise in NOISES:
             cells = groups.get((space, noise))
@@ -189,7 +204,7 @@ def table(results: dict) -> str:
             flagged = sum(bool(c["metrics"]["model"].get("below_baseline")) for c in cells)
             secs = statistics.mean(c["metrics"]["seconds"] for c in cells)
             cols = [_fmt(acc[m]) for m in METHODS]
-            lines.append(f"| {space} | {noise} | {rate:.3f} | {len(cells)} | "
+            lines.append(f"| {space} | {noise} | {rate:.3f} | {len(cells)} | {cell_ks(cells)} | "
                          f"{' | '.join(cols)} | {gap:+.1f} | {flagged}/{len(cells)} | "
                          f"{secs:.0f} |")
     return "\n".join(lines)
@@ -205,6 +220,9 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--work", type=Path, default=Path(".lra-cache/bench-accuracy"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--retrieve-k", default=None,
+                        help="retrieve.k for every cell instead of params.yaml's (an integer "
+                             "or auto); give it its own --out")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch / FAISS threads per cell (0: each stage's default with "
                              "one job, the CPUs shared out between jobs with several)")
@@ -222,6 +240,9 @@ def main() -> None:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     noises = args.noises or tuple(NOISES)
     base = yaml.safe_load(args.params.read_text())
+    if args.retrieve_k is not None:
+        k = args.retrieve_k
+        base["retrieve"] = {**base["retrieve"], "k": int(k) if k.isdigit() else k}
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "processor": platform.processor() or platform.machine()}
     jobs = args.jobs or usable_cpus()

@@ -134,14 +134,45 @@ class NoiseConfig:
             raise ConfigError("noise.file: noise.kind is 'file' but no file is given")
 
 
+K_AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class RetrieveConfig:
-    """Label retrieval: k nearest training neighbours (self excluded by id)."""
+    """Label retrieval: k nearest training neighbours (self excluded by id).
 
-    k: int = 10
+    k: an integer, or "auto": the k of `k_choices` whose neighbour vote is most accurate
+    on the validation split (ties: the smallest), see `pipeline.retrieval.choose_k`.
+    k_choices: comma-separated candidate ks for "auto" (read only then).
+    """
+
+    k: int | str = 10
+    k_choices: str = "10,20,50,100,200"
 
     def __post_init__(self) -> None:
-        _check(self.k >= 1, "retrieve", "k", self.k, ">= 1")
+        if isinstance(self.k, str):
+            if self.k != K_AUTO:
+                raise ConfigError(f"retrieve.k: unknown value {self.k!r}; valid: an integer "
+                                  f">= 1, or {K_AUTO}")
+        else:
+            _check(self.k >= 1, "retrieve", "k", self.k, f">= 1 or {K_AUTO!r}")
+        self.candidate_ks  # noqa: B018 - validates k_choices
+
+    @property
+    def auto(self) -> bool:
+        return self.k == K_AUTO
+
+    @property
+    def candidate_ks(self) -> tuple[int, ...]:
+        """k_choices parsed: ascending, distinct, each >= 1."""
+        try:
+            ks = sorted({int(part) for part in self.k_choices.split(",") if part.strip()})
+        except ValueError:
+            ks = []
+        if not ks or ks[0] < 1:
+            raise ConfigError(f"retrieve.k_choices: {self.k_choices!r} is not valid; it must "
+                              "be comma-separated integers >= 1, e.g. '10,20,50,100,200'")
+        return tuple(ks)
 
 
 @dataclass(frozen=True)

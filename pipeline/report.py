@@ -193,7 +193,9 @@ def _facts(paths: ReportPaths, emb, lab, ckpt: dict, nbh) -> dict[str, Any]:
     return {"source": _source(paths), "encoder":
             emb.meta.get("encoder", "?"), "embedding dim": emb.dim, "classes": lab.num_classes,
             **{f"{s} images": n for s, n in counts.items()},
-            "neighbours k": nbh.neighbour_ids.shape[1],
+            "neighbours k": f"{nbh.neighbour_ids.shape[1]}"
+                            + (" (chosen on validation)" if nbh.k_chosen_on_validation
+                               else ""),
             "model": f"epoch {info.get('epoch', '?')}, {info.get('weights', '?')} weights, "
                      f"{ckpt.get('readout', '?')} readout"}
 

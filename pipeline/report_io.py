@@ -62,22 +62,25 @@ def read_predictions(path: str | Path, *, num_classes: int) -> Predictions:
 @dataclass(frozen=True)
 class Neighbourhood:
     """From neighbours.parquet: sample_id (N,), agreement (N,) float32 (NaN off train),
-    neighbour_ids and neighbour_labels (N, k) int64."""
+    neighbour_ids and neighbour_labels (N, k) int64; k_chosen_on_validation: whether
+    retrieve chose k (retrieve.k = auto)."""
 
     sample_id: np.ndarray
     agreement: np.ndarray
     neighbour_ids: np.ndarray
     neighbour_labels: np.ndarray
+    k_chosen_on_validation: bool = False
 
 
 def read_neighbourhood(path: str | Path) -> Neighbourhood:
     cols = ("sample_id", "own_label_agreement", "neighbour_ids", "neighbour_labels")
-    table, _ = read_table(path, "retrieval table", columns=cols, required=cols)
+    table, meta = read_table(path, "retrieval table", columns=cols, required=cols)
     return Neighbourhood(
         table["sample_id"].to_numpy(),
         table["own_label_agreement"].fill_null(math.nan).to_numpy().astype(np.float32),
         list_column_to_numpy(table["neighbour_ids"], np.int64),
-        list_column_to_numpy(table["neighbour_labels"], np.int64))
+        list_column_to_numpy(table["neighbour_labels"], np.int64),
+        bool(meta.get("k_chosen_on_validation", False)))
 
 
 def read_train_log(path: str | Path) -> list[dict[str, float | None]]:

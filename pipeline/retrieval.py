@@ -66,3 +66,21 @@ def knn_vote(neighbour_labels: np.ndarray, similarities: np.ndarray, num_classes
     # Each class's summed (similarity + 1) is at most 2k < 2k + 1, so after the division
     # it is worth less than one vote: it orders ties and nothing else.
     return np.argmax(votes + tie_break / (2.0 * k + 1.0), axis=1).astype(np.int64)
+
+
+def vote_hits_by_k(neighbour_labels: np.ndarray, similarities: np.ndarray,
+                   truth: np.ndarray, ks: tuple[int, ...], num_classes: int) -> np.ndarray:
+    """How many rows `knn_vote` over their first k neighbours gets right, for each k.
+
+    neighbour_labels, similarities: (M, K) ranked best first, K >= max(ks); truth: (M,)
+    int64. Returns (len(ks),) int64 counts. Rows are independent, so counts from row
+    chunks add up to the count over all rows.
+    """
+    return np.array([int((knn_vote(neighbour_labels[:, :k], similarities[:, :k],
+                                   num_classes) == truth).sum()) for k in ks], dtype=np.int64)
+
+
+def choose_k(ks: tuple[int, ...], hits: np.ndarray) -> int:
+    """The k with the most validation hits; ties go to the smallest k (less smoothing,
+    and the paper's k = 10 when it is a choice and nothing beats it)."""
+    return int(ks[int(np.argmax(hits))])  # argmax returns the first maximum; ks ascend

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,16 @@ from pipeline import lineage
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import apply_search_params, load_index_with_info
-from pipeline.retrieval import (candidate_labels, label_distribution,
-                                neighbours_excluding_self, own_label_agreement)
+from pipeline.config import RetrieveConfig
+from pipeline.retrieval import (candidate_labels, choose_k, label_distribution,
+                                neighbours_excluding_self, own_label_agreement,
+                                vote_hits_by_k)
 from pipeline.neighbours import write_retrieval
 from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
 from stages.app import (EmbeddingsOption, IndexOption, LabelsOption, OutDirOption,
                         ParamsOption, ProgressOption, ThreadsOption, app, set_threads, stage)
+
+log = logging.getLogger(__name__)
 
 
 @app.command()
@@ -29,7 +34,6 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
     """For every sample, its k nearest train neighbours (never itself) and their labels."""
     with stage("retrieve", params) as p:
         set_threads(threads, libraries=("faiss",))  # no torch here
-        k = p.retrieve.k
         emb = open_embeddings(embeddings)
         lab = read_labels(labels)
         check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
@@ -45,10 +49,16 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
             # A stale index is a mismatched artifact (exit 1), not a params error.
             raise ArtifactError(f"index at {index} holds {idx.ntotal} vectors but the "
                                 f"train split has {n_train}; rerun `lra index`")
+        apply_search_params(idx, p.index.search_params)
+        selection = None
+        if p.retrieve.auto:
+            k, selection = _choose_k(idx, emb, lab, p.retrieve, n_train=n_train,
+                                     progress=progress)
+        else:
+            k = p.retrieve.k
         if k >= n_train:
             raise ConfigError(f"retrieve.k: {k} must be smaller than the train split "
                               f"({n_train} samples)")
-        apply_search_params(idx, p.index.search_params)
         # Queries stream by record batch: the index and the (N, k) results are held, the
         # embeddings one chunk at a time.
         n = len(emb.sample_id)
@@ -71,6 +81,8 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
         train = np.flatnonzero(is_train)
         known = train[lab.clean[train] != UNKNOWN]
         summary = {"k": k, "mean_own_label_agreement": float(agreement[train].mean())}
+        if selection is not None:
+            summary["k_selection"] = selection
         if len(known):
             # How often a drawn training target is right, and how often the neighbour
             # majority recovers the clean label: the quality of the retrieved labels.
@@ -85,7 +97,43 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
                             split=emb.split, neighbour_ids=ids, distances=1.0 - sims,
                             neighbour_labels=neighbour_labels, candidates=candidates,
                             distribution=distribution, agreement=agreement, is_train=is_train,
-                            metadata={"k": k, "num_classes": lab.num_classes,
+                            metadata={"k": k, "k_chosen_on_validation": selection is not None,
+                                      "num_classes": lab.num_classes,
                                       "distance": "cosine (1 - cos similarity)",
                                       lineage.BUILT_FROM: built_from})
             write_json(summary, out.path(out_dir / "retrieval.json"))
+
+
+def _choose_k(idx, emb, lab, cfg: RetrieveConfig, *, n_train: int, progress: bool
+              ) -> tuple[int, dict]:
+    """retrieve.k = auto: search the validation rows' max(k_choices) neighbours once and
+    keep the k whose neighbour vote (evaluate's kNN vote) matches the most validation
+    labels. Returns (k, the selection record for retrieval.json)."""
+    choices = tuple(c for c in cfg.candidate_ks if c < n_train)
+    if not choices:
+        raise ConfigError(f"retrieve.k_choices: every choice in {cfg.k_choices!r} must be "
+                          f"smaller than the train split ({n_train} samples)")
+    is_val = emb.split == "val"
+    n_val = int(is_val.sum())
+    if n_val == 0:
+        raise ConfigError("retrieve.k: 'auto' chooses k on the validation split, which is "
+                          "empty here; set data.val_fraction > 0 or give an integer k")
+    hits = np.zeros(len(choices), dtype=np.int64)
+    with tqdm(total=n_val, unit="row", desc="choose k", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for start, chunk in emb.iter_chunks():
+            rows = np.flatnonzero(is_val[start:start + len(chunk)])
+            if len(rows) == 0:
+                continue
+            ids, sims = neighbours_excluding_self(idx, chunk[rows],
+                                                  emb.sample_id[start + rows], k=choices[-1])
+            hits += vote_hits_by_k(lab.observed[ids], sims, lab.observed[start + rows],
+                                   choices, lab.num_classes)
+            bar.update(len(rows))
+    k = choose_k(choices, hits)
+    accuracy = [round(float(h) / n_val, 6) for h in hits]
+    log.info("retrieve.k auto: k = %d (neighbour vote on %d validation rows: %s)", k, n_val,
+             ", ".join(f"k={c} {a:.3f}" for c, a in zip(choices, accuracy)))
+    return k, {"rule": "most accurate neighbour vote on the validation split (ties: the "
+                       "smallest k)", "validation_rows": n_val, "choices": list(choices),
+               "validation_vote_accuracy": accuracy}

@@ -316,6 +316,48 @@ def test_k_not_below_train_split_size_is_a_usage_error(run_copy, tmp_path):
     assert_nothing_written(run_copy, "retrieve")
 
 
+def test_retrieve_k_auto_keeps_the_best_validation_vote(run_copy, tmp_path):
+    """retrieve.k = auto: the stage writes the k whose neighbour vote is most accurate on
+    the validation rows (recomputed here from the index and the labels), and says so in
+    retrieval.json and the table's metadata."""
+    from pipeline.index import load_index, search
+    from pipeline.neighbours import read_retrieval
+    from pipeline.retrieval import knn_vote
+    from pipeline.tables import read_embeddings, read_labels
+
+    choices = (3, 10, 30)
+    params = bad_params(run_copy, tmp_path, retrieve={"k": "auto", "k_choices": "30,3,10"})
+    result = invoke(stage_args("retrieve", run_copy.root, params))
+    assert result.exit_code == 0, result.stderr
+    assert "retrieve.k auto: k = " in result.stderr
+    emb, lab = read_embeddings(run_copy.path("embeddings")), read_labels(run_copy.path("labels"))
+    val = np.flatnonzero(emb.split == "val")
+    index = load_index(run_copy.path("index"))
+    sims, ids = search(index, emb.vectors[val], 30)
+    accuracy = [float((knn_vote(lab.observed[ids[:, :k]], sims[:, :k], lab.num_classes)
+                       == lab.observed[val]).mean()) for k in choices]
+    best = choices[int(np.argmax(accuracy))]
+    summary = json.loads(run_copy.path("retrieval_json").read_text())
+    assert summary["k"] == best
+    assert summary["k_selection"]["choices"] == list(choices)
+    assert summary["k_selection"]["validation_rows"] == len(val)
+    assert summary["k_selection"]["validation_vote_accuracy"] == pytest.approx(accuracy,
+                                                                               abs=1e-6)
+    table = read_retrieval(run_copy.path("neighbours"))
+    assert table.k == best and table.meta["k_chosen_on_validation"] is True
+    assert table.candidates.shape[1] == best + 1
+
+
+def test_retrieve_k_auto_without_a_usable_choice_is_a_usage_error(run_copy, tmp_path):
+    n = n_train(run_copy)
+    params = bad_params(run_copy, tmp_path, retrieve={"k": "auto", "k_choices": str(n)})
+    clear_outputs(run_copy, "retrieve")
+    result = invoke(stage_args("retrieve", run_copy.root, params))
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "retrieve", "retrieve.k_choices", str(n))
+    assert_nothing_written(run_copy, "retrieve")
+
+
 # --------------------------------------------------------------------------- domain errors
 @pytest.mark.parametrize("stage, missing", [
     ("embed", "samples"), ("index", "embeddings"), ("noise", "samples"),

@@ -91,12 +91,22 @@ def test_section_must_be_mapping():
     ("train", "lr", "fast"),
     ("train", "lr", False),
     ("retrieve", "k", None),  # not nullable
+    ("retrieve", "k", "ten"),  # a string is only "auto"
+    ("retrieve", "k_choices", "10,x"),
+    ("retrieve", "k_choices", "0,10"),
     ("data", "val_fraction", [0.1]),
 ])
 def test_wrong_types_are_rejected(section, key, value):
     with pytest.raises(ConfigError) as exc:
         params_from_dict({section: {key: value}})
     assert f"{section}.{key}" in str(exc.value)
+
+
+def test_retrieve_k_auto_and_its_choices():
+    p = params_from_dict({"retrieve": {"k": "auto", "k_choices": " 200, 10,10,50 "}})
+    assert p.retrieve.auto and p.retrieve.candidate_ks == (10, 50, 200)
+    assert not params_from_dict({"retrieve": {"k": 7}}).retrieve.auto
+    assert params_from_dict({}).retrieve.candidate_ks == (10, 20, 50, 100, 200)
 
 
 def test_nullable_fields_accept_null():

@@ -10,7 +10,8 @@ import pytest
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import (apply_search_params, build_index, load_index, normalized,
                             save_index, search)
-from pipeline.retrieval import (candidate_labels, knn_vote, label_distribution,
+from pipeline.retrieval import (candidate_labels, choose_k, knn_vote, label_distribution,
+                                vote_hits_by_k,
                                 neighbours_excluding_self, own_label_agreement)
 
 
@@ -315,3 +316,56 @@ def test_retrieval_recovers_clean_labels_under_symmetric_noise():
     corrupted = observed != clean
     assert agree[corrupted].mean() < 0.2
     assert agree[~corrupted].mean() > 0.5
+
+
+# --------------------------------------------------------------------------- k on validation
+def test_vote_hits_by_k_counts_knn_vote_on_each_prefix_and_adds_over_chunks():
+    rng = np.random.default_rng(3)
+    m, kmax, c, ks = 300, 40, 4, (1, 5, 10, 40)
+    labels = rng.integers(0, c, size=(m, kmax))
+    sims = -np.sort(-rng.random((m, kmax)), axis=1).astype(np.float32)
+    truth = rng.integers(0, c, size=m)
+    hits = vote_hits_by_k(labels, sims, truth, ks, c)
+    expected = [int((knn_vote(labels[:, :k], sims[:, :k], c) == truth).sum()) for k in ks]
+    assert hits.tolist() == expected
+    halves = (vote_hits_by_k(labels[:120], sims[:120], truth[:120], ks, c)
+              + vote_hits_by_k(labels[120:], sims[120:], truth[120:], ks, c))
+    assert halves.tolist() == expected
+
+
+def test_choose_k_takes_the_most_hits_and_the_smallest_k_on_ties():
+    assert choose_k((10, 20, 50), np.array([5, 9, 7])) == 20
+    assert choose_k((10, 20, 50), np.array([9, 9, 7])) == 10
+    assert choose_k((10, 20, 50), np.array([1, 9, 9])) == 20
+
+
+def test_choose_k_finds_a_wide_k_when_the_noise_is_local():
+    """PMD-like noise: each class cluster has 4 sub-clusters, and 70 % of a sub-cluster's
+    labels are flipped to one class of its own. The 10 nearest neighbours share the
+    sub-cluster, so their vote returns the flip; a vote over the whole cluster returns
+    the class (30 % against 17.5 % for each flip). Choosing k on validation rows finds
+    the wide k, and its vote on held-out rows beats k = 10's by far."""
+    rng = np.random.default_rng(0)
+    c, subs, per, d = 5, 4, 60, 16
+    centres = rng.normal(size=(c, d)) * 12.0
+    offsets = rng.normal(size=(c, subs, d)) * 2.0
+    clean = np.repeat(np.arange(c), subs * per)
+    sub = np.tile(np.repeat(np.arange(subs), per), c)
+    x = (centres[clean] + offsets[clean, sub] + rng.normal(size=(len(clean), d)) * 0.5)
+    flip_to = (clean + 1 + sub) % c  # each sub-cluster's own wrong class
+    observed = np.where(rng.random(len(clean)) < 0.7, flip_to, clean)
+    order = rng.permutation(len(clean))
+    x, clean, observed = x[order].astype(np.float32), clean[order], observed[order]
+    train, val, test = np.arange(800), np.arange(800, 1000), np.arange(1000, 1200)
+    index = build_index(x[train], train.astype(np.int64), factory="Flat")
+    ks = (10, 20, 50, 100, 200)
+
+    def hits(rows: np.ndarray) -> np.ndarray:
+        ids, sims = neighbours_excluding_self(index, x[rows], rows, k=max(ks))
+        return vote_hits_by_k(observed[ids], sims, clean[rows], ks, c)
+
+    val_hits, test_hits = hits(val), hits(test)
+    assert val_hits[0] / len(val) < 0.5  # k = 10 votes for the flips
+    k = choose_k(ks, val_hits)
+    assert k >= 100
+    assert test_hits[ks.index(k)] / len(test) > test_hits[0] / len(test) + 0.3

@@ -8,6 +8,7 @@ the pipeline's own stages (noise -> retrieve -> train -> evaluate).
     uv run python -m bench.accuracy --quick --jobs 1   # one cell at a time
     uv run python -m bench.accuracy --quick --retrieve-k auto \
         --out bench/results/accuracy_k_auto.json         # k chosen on validation
+    uv run python -m bench.accuracy --pick-by-val bench/results/accuracy_k_auto.json
 
 Cells run `--jobs` at a time (default: one per usable CPU, each on one thread). The
 digits cells train on one thread anyway (their steps are too small to split,
@@ -210,6 +211,31 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def validation_pick(first: dict, second: dict) -> str:
+    """Markdown: per (space, noise), LRA-diffusion's mean test accuracy in two result files
+    of the same grid (e.g. k = 10 and k = auto) and when each cell keeps the run with the
+    higher LRA validation accuracy (ties: the first), over the cells both files hold."""
+    groups: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for name, cell in second["cells"].items():
+        other = first["cells"].get(name)
+        if other is None:
+            continue
+        runs = [(c["metrics"]["val_accuracy"]["lra_diffusion"],
+                 c["metrics"]["test_accuracy"]["lra_diffusion"]) for c in (other, cell)]
+        kept = runs[1][1] if runs[1][0] > runs[0][0] else runs[0][1]
+        groups.setdefault((cell["space"], cell["noise"]), []).append(
+            (runs[0][1], runs[1][1], kept))
+    lines = ["| space | noise | seeds | first | second | kept by validation |",
+             "|---|---|---|---|---|---|"]
+    for space in SPACES:
+        for noise in NOISES:
+            rows = groups.get((space, noise))
+            if rows:
+                cols = [f"{100 * statistics.mean(r[i] for r in rows):.1f}" for i in range(3)]
+                lines.append(f"| {space} | {noise} | {len(rows)} | {' | '.join(cols)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -231,8 +257,14 @@ def main() -> None:
                              "usable CPU)")
     parser.add_argument("--redo", action="store_true", help="rerun cells already done")
     parser.add_argument("--table", action="store_true", help="only print the table")
+    parser.add_argument("--pick-by-val", type=Path, default=None, metavar="OTHER_JSON",
+                        help="only print LRA-diffusion's test accuracy in --out, in OTHER_JSON, "
+                             "and keeping per cell the run with the higher validation accuracy")
     args = parser.parse_args()
     results = load_results(args.out)
+    if args.pick_by_val is not None:
+        print(validation_pick(results, load_results(args.pick_by_val)))
+        return
     if args.table:
         print(table(results))
         return

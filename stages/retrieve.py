@@ -31,7 +31,8 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
              labels: LabelsOption = Path("data/labels/labels.parquet"),
              out_dir: OutDirOption = Path("data/retrieval"), threads: ThreadsOption = 0,
              progress: ProgressOption = True) -> None:
-    """For every sample, its k nearest train neighbours (never itself) and their labels."""
+    """For every sample, its k nearest train neighbours (never itself) and their labels
+    (retrieve.k: auto picks k by the neighbour vote's accuracy on the validation rows)."""
     with stage("retrieve", params) as p:
         set_threads(threads, libraries=("faiss",))  # no torch here
         emb = open_embeddings(embeddings)

@@ -169,10 +169,12 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def cell_k(cell: dict) -> int:
+def cell_k(cell: dict) -> int | str:
     """The k a cell retrieved with: the one retrieve chose (retrieve.k = auto), else
-    the params' (cells run before retrieval.json was kept)."""
-    return cell["metrics"].get("retrieval", {}).get("k", cell["params"]["retrieve"]["k"])
+    the params' (cells run before retrieval.json was kept), else "?"."""
+    chosen = cell["metrics"].get("retrieval", {}).get("k")
+    return chosen if chosen is not None else \
+        cell.get("params", {}).get("retrieve", {}).get("k", "?")
 
 
 def cell_ks(cells: list[dict]) -> str:

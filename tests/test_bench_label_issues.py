@@ -69,11 +69,27 @@ def test_cells_on_an_older_space_version_are_stale_and_left_out_of_the_table():
     def cell(version: str, lra: float) -> dict:
         acc = {"lra_diffusion": lra, "knn_vote": 0.5, "noisy_linear": 0.5, "clean_linear": 0.9}
         return {"space": "synth10k", "noise": "sym40", "seed": 0, "space_version": version,
+                "params": {"retrieve": {"k": 10}},
                 "metrics": {"test_accuracy": acc, "noise": {"observed_rate": 0.4},
                             "model": {"below_baseline": False}, "seconds": 1.0}}
 
     rows = table({"cells": {"a": cell(now, 0.8), "b": cell("v0", 0.2)}}).splitlines()
-    assert len(rows) == 3 and "| 1 | 80.0 |" in rows[2]
+    assert len(rows) == 3 and "| 1 | 10 | 80.0 |" in rows[2]
+
+
+def test_the_table_names_the_k_each_seed_retrieved_with():
+    """retrieve.k = auto: the k column lists the k retrieve chose, per seed in seed order;
+    one number when every seed used the same k."""
+    from bench.accuracy import cell_ks
+
+    def cell(seed: int, chosen: int | None) -> dict:
+        metrics = {} if chosen is None else {"retrieval": {"k": chosen}}
+        return {"seed": seed, "params": {"retrieve": {"k": "auto" if chosen else 10}},
+                "metrics": metrics}
+
+    assert cell_ks([cell(2, 20), cell(0, 100), cell(1, 200)]) == "100/200/20"
+    assert cell_ks([cell(0, 50), cell(1, 50)]) == "50"
+    assert cell_ks([cell(0, None), cell(1, None)]) == "10"
 
 
 def test_cells_run_in_parallel_share_the_cpus_out(monkeypatch):

@@ -102,8 +102,9 @@ def run_cell(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict
              labels=work / "labels/labels.parquet", out_dir=work / "retrieval",
              threads=threads)
     train(params=pfile, embeddings=emb, labels=work / "labels/labels.parquet",
-          retrieval=work / "retrieval/neighbours.parquet", out_dir=work / "model",
-          device="auto", threads=threads, progress=False)
+          retrieval=work / "retrieval/neighbours.parquet",
+          index=space_dir / "index/train.faiss", out_dir=work / "model", device="auto",
+          threads=threads, progress=False)
     evaluate(params=pfile, model=work / "model/model.pt", embeddings=emb,
              labels=work / "labels/labels.parquet",
              retrieval=work / "retrieval/neighbours.parquet", out_dir=work / "evaluate",
@@ -170,11 +171,13 @@ def _fmt(values: list[float]) -> str:
 
 
 def cell_k(cell: dict) -> int | str:
-    """The k a cell retrieved with: the one retrieve chose (retrieve.k = auto), else
-    the params' (cells run before retrieval.json was kept), else "?"."""
-    chosen = cell["metrics"].get("retrieval", {}).get("k")
-    return chosen if chosen is not None else \
-        cell.get("params", {}).get("retrieve", {}).get("k", "?")
+    """The k a cell's model was trained at: train's (after a retry at another k), else
+    the one retrieve chose (retrieve.k = auto), else the params' (cells run before
+    train.json and retrieval.json recorded it), else "?"."""
+    for record in (cell["metrics"].get("train", {}), cell["metrics"].get("retrieval", {})):
+        if record.get("k") is not None:
+            return record["k"]
+    return cell.get("params", {}).get("retrieve", {}).get("k", "?")
 
 
 def cell_ks(cells: list[dict]) -> str:

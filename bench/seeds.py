@@ -42,7 +42,8 @@ def run_seed(seed: int, params: dict, data: Path, work: Path, threads: int = 0) 
              progress=False)
     train(params=pfile, embeddings=data / "embeddings/embeddings.parquet",
           labels=work / "labels/labels.parquet", retrieval=work / "retrieval/neighbours.parquet",
-          out_dir=work / "model", device="auto", threads=threads, progress=False)
+          index=data / "index/train.faiss", out_dir=work / "model", device="auto",
+          threads=threads, progress=False)
     evaluate(params=pfile, model=work / "model/model.pt",
              embeddings=data / "embeddings/embeddings.parquet",
              labels=work / "labels/labels.parquet",

@@ -143,7 +143,10 @@ class RetrieveConfig:
 
     k: an integer, or "auto": the k of `k_choices` whose neighbour vote is most accurate
     on the validation split (ties: the smallest), see `pipeline.retrieval.choose_k`.
-    k_choices: comma-separated candidate ks for "auto" (read only then).
+    k_choices: comma-separated ks whose neighbour votes retrieve scores on the validation
+    split (retrieval.json's k_selection). With an integer k, train trains once more at
+    the best of them when that vote beats the model there (`pipeline.retrieval.retry_k`);
+    k_choices equal to k alone turns the retry off.
     """
 
     k: int | str = 10

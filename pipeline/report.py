@@ -197,7 +197,18 @@ def _facts(paths: ReportPaths, emb, lab, ckpt: dict, nbh) -> dict[str, Any]:
                             + (" (chosen on validation)" if nbh.k_chosen_on_validation
                                else ""),
             "model": f"epoch {info.get('epoch', '?')}, {info.get('weights', '?')} weights, "
-                     f"{ckpt.get('readout', '?')} readout"}
+                     f"{ckpt.get('readout', '?')} readout" + _retry_note(info)}
+
+
+def _retry_note(info: dict) -> str:
+    """How train's retry at another k went, when it ran (stages/train.py)."""
+    retry = info.get("k_retry")
+    if not retry:
+        return ""
+    return (f"; trained at k={retry['first_k']} (validation {retry['first_val_accuracy']:.3f}) "
+            f"and, as the k={retry['retry_k']} neighbour vote scored "
+            f"{retry['vote_val_accuracy']:.3f}, again at k={retry['retry_k']} "
+            f"({retry['retry_val_accuracy']:.3f}): kept k={retry['kept_k']}")
 
 
 def _source(paths: ReportPaths) -> str:

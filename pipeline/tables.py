@@ -229,6 +229,13 @@ class Labels:
     def ref(self, path: str | Path) -> Ref:
         return ref("labels", "labels", path, NOISE, self.meta, rows=len(self.sample_id))
 
+    def selection_truth(self, rows: np.ndarray) -> np.ndarray:
+        """What model selection scores rows against: the clean label where known (the
+        CIFAR protocol), else the observed one (real-noise data without a clean val
+        split). rows: (M,) positions. Returns (M,) int64."""
+        clean = self.clean[rows]
+        return np.where(clean != UNKNOWN, clean, self.observed[rows])
+
 
 def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
                  clean: np.ndarray, observed: np.ndarray, metadata: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from pipeline.inference import ChunkPredictions, DiffusionScorer
 from pipeline.lineage import check_built_from, ref
 from pipeline.linear import LinearProbe, fit_linear_selected
 from pipeline.metrics import evaluation_metrics
-from pipeline.retrieval import knn_vote
+from pipeline.retrieval import BASELINE_MARGIN, knn_vote
 from pipeline.neighbours import open_neighbours
 from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
                              open_embeddings, read_labels)
@@ -103,7 +103,7 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
             metrics = evaluation_metrics(predicted, clean=lab.clean, observed=lab.observed,
                                          split=emb.split, methods_always=("clean_linear",))
             metrics["model"] = {k: ckpt["info"][k] for k in ("epoch", "weights", "readout",
-                                                              "val_accuracy")}
+                                                              "val_accuracy", "k")}
             metrics["model"].update(below_baseline(metrics["val_accuracy"]))
             metrics["linear_l2"] = chosen_l2
             write_json(metrics, out.path(out_dir / "metrics.json"))
@@ -113,11 +113,6 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
                     for a, b in zip(lab.clean[test], predicted["lra_diffusion"][test])]
             write_csv(rows or [{"actual": "", "predicted": ""}],
                       out.path(out_dir / "confusion.csv"))
-
-
-BASELINE_MARGIN = 0.005
-"""LRA-diffusion counts as below a baseline when its validation accuracy trails it by
-more than this (half a point: within it the two are level at validation-set sizes)."""
 
 
 def below_baseline(val_accuracy: dict[str, float | None]) -> dict:

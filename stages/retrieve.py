@@ -14,7 +14,7 @@ from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import apply_search_params, load_index_with_info
 from pipeline.config import RetrieveConfig
 from pipeline.retrieval import (candidate_labels, choose_k, label_distribution,
-                                neighbours_excluding_self, own_label_agreement,
+                                neighbours_excluding_self, own_label_agreement, search_rows,
                                 vote_hits_by_k)
 from pipeline.neighbours import write_retrieval
 from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
@@ -51,12 +51,17 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
             raise ArtifactError(f"index at {index} holds {idx.ntotal} vectors but the "
                                 f"train split has {n_train}; rerun `lra index`")
         apply_search_params(idx, p.index.search_params)
-        selection = None
+        selection = _vote_on_validation(idx, emb, lab, p.retrieve, n_train=n_train,
+                                        required=p.retrieve.auto, progress=progress)
         if p.retrieve.auto:
-            k, selection = _choose_k(idx, emb, lab, p.retrieve, n_train=n_train,
-                                     progress=progress)
+            k = choose_k(tuple(selection["choices"]), selection["validation_vote_accuracy"])
+            log.info("retrieve.k auto: k = %d (neighbour vote on %d validation rows: %s)", k,
+                     selection["validation_rows"], _votes(selection))
         else:
             k = p.retrieve.k
+            if selection is not None:
+                log.info("neighbour vote on %d validation rows: %s", selection["validation_rows"],
+                         _votes(selection))
         if k >= n_train:
             raise ConfigError(f"retrieve.k: {k} must be smaller than the train split "
                               f"({n_train} samples)")
@@ -82,7 +87,7 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
         train = np.flatnonzero(is_train)
         known = train[lab.clean[train] != UNKNOWN]
         summary = {"k": k, "mean_own_label_agreement": float(agreement[train].mean())}
-        if selection is not None:
+        if selection is not None:  # what auto chose by, and what train's retry reads
             summary["k_selection"] = selection
         if len(known):
             # How often a drawn training target is right, and how often the neighbour
@@ -98,44 +103,45 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
                             split=emb.split, neighbour_ids=ids, distances=1.0 - sims,
                             neighbour_labels=neighbour_labels, candidates=candidates,
                             distribution=distribution, agreement=agreement, is_train=is_train,
-                            metadata={"k": k, "k_chosen_on_validation": selection is not None,
+                            metadata={"k": k, "k_chosen_on_validation": p.retrieve.auto,
+                                      "k_selection": selection,
                                       "num_classes": lab.num_classes,
                                       "distance": "cosine (1 - cos similarity)",
                                       lineage.BUILT_FROM: built_from})
             write_json(summary, out.path(out_dir / "retrieval.json"))
 
 
-def _choose_k(idx, emb, lab, cfg: RetrieveConfig, *, n_train: int, progress: bool
-              ) -> tuple[int, dict]:
-    """retrieve.k = auto: search the validation rows' max(k_choices) neighbours once and
-    keep the k whose neighbour vote (evaluate's kNN vote) matches the most validation
-    labels. Returns (k, the selection record for retrieval.json)."""
+def _vote_on_validation(idx, emb, lab, cfg: RetrieveConfig, *, n_train: int,
+                        required: bool, progress: bool) -> dict | None:
+    """Search the validation rows' max(k_choices) neighbours once and score the neighbour
+    vote (evaluate's kNN vote) over the first k of them, for each k of `k_choices`.
+    retrieve.k = auto keeps the best; with an integer k, train retries at the best when
+    its vote beats the model (`pipeline.retrieval.retry_k`). Returns the record for
+    retrieval.json and the table's metadata, or None when there is nothing to vote on
+    (no validation rows or no usable choice), which is an error only when `required`."""
     choices = tuple(c for c in cfg.candidate_ks if c < n_train)
-    if not choices:
-        raise ConfigError(f"retrieve.k_choices: every choice in {cfg.k_choices!r} must be "
-                          f"smaller than the train split ({n_train} samples)")
     is_val = emb.split == "val"
     n_val = int(is_val.sum())
-    if n_val == 0:
+    if not choices or n_val == 0:
+        if not required:
+            return None
+        if not choices:
+            raise ConfigError(f"retrieve.k_choices: every choice in {cfg.k_choices!r} must "
+                              f"be smaller than the train split ({n_train} samples)")
         raise ConfigError("retrieve.k: 'auto' chooses k on the validation split, which is "
                           "empty here; set data.val_fraction > 0 or give an integer k")
-    hits = np.zeros(len(choices), dtype=np.int64)
-    with tqdm(total=n_val, unit="row", desc="choose k", disable=not progress,
+    with tqdm(total=n_val, unit="row", desc="validation vote", disable=not progress,
               dynamic_ncols=True) as bar:
-        for start, chunk in emb.iter_chunks():
-            rows = np.flatnonzero(is_val[start:start + len(chunk)])
-            if len(rows) == 0:
-                continue
-            ids, sims = neighbours_excluding_self(idx, chunk[rows],
-                                                  emb.sample_id[start + rows], k=choices[-1])
-            hits += vote_hits_by_k(lab.observed[ids], sims, lab.observed[start + rows],
-                                   choices, lab.num_classes)
-            bar.update(len(rows))
-    k = choose_k(choices, hits)
-    accuracy = [round(float(h) / n_val, 6) for h in hits]
-    log.info("retrieve.k auto: k = %d (neighbour vote on %d validation rows: %s)", k, n_val,
-             ", ".join(f"k={c} {a:.3f}" for c, a in zip(choices, accuracy)))
+        rows, ids, sims = search_rows(idx, emb.iter_chunks(), emb.sample_id, is_val,
+                                      k=choices[-1], on_rows=bar.update)
+    hits = vote_hits_by_k(lab.observed[ids], sims, lab.selection_truth(rows), choices,
+                          lab.num_classes)
     # No rule text here: retrieval.json is a DVC metrics file, and `dvc exp show` would
-    # give a string its own column (the rule is in RetrieveConfig's docstring).
-    return k, {"validation_rows": n_val, "choices": list(choices),
-               "validation_vote_accuracy": accuracy}
+    # give a string its own column (the rules are in RetrieveConfig's docstring).
+    return {"validation_rows": n_val, "choices": list(choices),
+            "validation_vote_accuracy": [round(float(h) / n_val, 6) for h in hits]}
+
+
+def _votes(selection: dict) -> str:
+    return ", ".join(f"k={c} {a:.3f}" for c, a in zip(selection["choices"],
+                                                     selection["validation_vote_accuracy"]))

@@ -8,25 +8,28 @@ DistributedDataParallel on its share of each global batch; rank 0 validates and 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import typer
+from tqdm.auto import tqdm
 
-from pipeline import distributed
+from pipeline import distributed, lineage
 from pipeline.allocator import retain_freed_memory
 from pipeline.artifacts import StageWriter, write_csv, write_json
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Params, as_dict
 from pipeline.errors import ArtifactError
 from pipeline.features import FeatureNormalizer
+from pipeline.index import apply_search_params, load_index_with_info
 from pipeline.lineage import BUILT_FROM, check_built_from
 from pipeline.neighbours import read_candidates_meta
+from pipeline.retrieval import candidate_labels, retry_k, search_rows
 from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
-from pipeline.training import TrainData, model_spec, train_diffusion
-from stages.app import (DeviceOption, EmbeddingsOption, LabelsOption, NprocOption,
-                        OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
+from pipeline.training import TrainData, TrainResult, model_spec, train_diffusion
+from stages.app import (DeviceOption, EmbeddingsOption, IndexOption, LabelsOption,
+                        NprocOption, OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
                         ThreadsOption, app, resolve_device, set_threads, stage)
 
 
@@ -35,15 +38,19 @@ def train(params: ParamsOption = Path("params.yaml"),
           embeddings: EmbeddingsOption = Path("data/embeddings/embeddings.parquet"),
           labels: LabelsOption = Path("data/labels/labels.parquet"),
           retrieval: RetrievalOption = Path("data/retrieval/neighbours.parquet"),
+          index: IndexOption = Path("data/index/train.faiss"),
           out_dir: OutDirOption = Path("data/model"), device: DeviceOption = "auto",
           threads: ThreadsOption = 0, progress: ProgressOption = True,
           nproc: NprocOption = 1) -> None:
-    """Train the diffusion classifier; keep the best validation epoch."""
+    """Train the diffusion classifier; keep the best validation epoch. When a neighbour
+    vote at another k of retrieve.k_choices beats it on validation, train once more at
+    that k (neighbours searched in --index) and keep the better."""
     with stage("train", params) as p:
         if nproc > 1 and not distributed.launched():
             raise typer.Exit(distributed.relaunch(nproc, [
                 "train", "--params", str(params), "--embeddings", str(embeddings),
-                "--labels", str(labels), "--retrieval", str(retrieval), "--out-dir",
+                "--labels", str(labels), "--retrieval", str(retrieval), "--index",
+                str(index), "--out-dir",
                 str(out_dir), "--device", device, "--threads", str(threads),
                 "--progress" if progress else "--no-progress"]))
         ctx = distributed.env_context()
@@ -52,7 +59,8 @@ def train(params: ParamsOption = Path("params.yaml"),
         dev = distributed.rank_device(resolve_device(device), ctx)
         with distributed.session(device=dev) as ctx:
             _train(p, embeddings=embeddings, labels=labels, retrieval=retrieval,
-                   out_dir=out_dir, dev=dev, threads=threads, progress=progress, ctx=ctx)
+                   index=index, out_dir=out_dir, dev=dev, threads=threads,
+                   progress=progress, ctx=ctx)
 
 
 log = logging.getLogger(__name__)
@@ -72,8 +80,9 @@ def _one_thread_for_small_steps(p: Params, *, dim: int, num_classes: int) -> Non
         log.info("small training steps: using one CPU thread (pass --threads to override)")
 
 
-def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_dir: Path,
-           dev: str, threads: int, progress: bool, ctx: distributed.DistContext) -> None:
+def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, index: Path,
+           out_dir: Path, dev: str, threads: int, progress: bool,
+           ctx: distributed.DistContext) -> None:
     """The stage body on one rank; only rank 0 writes."""
     set_threads(threads)
     retain_freed_memory()  # each step re-allocates the same buffers (pipeline.allocator)
@@ -93,8 +102,7 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
                             "(set data.val_fraction or use a source with a val split)")
     # Selection uses clean validation labels where known (CIFAR protocol), else the
     # observed ones (real-noise datasets without a clean val split).
-    val_truth = np.where(lab.clean[val_rows] != UNKNOWN, lab.clean[val_rows],
-                         lab.observed[val_rows])
+    val_truth = lab.selection_truth(val_rows)
     # Only the rows training uses, read by record batch and normalised in place: the
     # stage holds one copy of the train features (test rows are never read here).
     train_x, val_x = emb.read_rows(train_rows), emb.read_rows(val_rows)
@@ -105,9 +113,19 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
                      val_labels=torch.from_numpy(val_truth).to(dev),
                      num_classes=lab.num_classes)
     result = train_diffusion(data, p.train, progress=progress)
+    k = candidates.shape[1] - 1
+    k_retry = retry_k(ret_ref.meta.get("k_selection"), trained_k=k,
+                      val_accuracy=result.best["val_accuracy"]) if ctx.is_main else None
+    if ctx.enabled:  # only rank 0 validated; every rank must train the retry
+        k_retry = distributed.broadcast_object(k_retry, ctx)
+    retried = None
+    if k_retry is not None:
+        result, retried = _retry(p, result, data, k=k, k_retry=k_retry, index=index,
+                                 emb=emb, lab=lab, ret_ref=ret_ref, dev=dev, progress=progress)
+        k = retried["kept_k"]
     if not ctx.is_main:
         return
-    info = {**result.best, "train_config": as_dict(p.train), "k": candidates.shape[1] - 1,
+    info = {**result.best, "train_config": as_dict(p.train), "k": k, "k_retry": retried,
             "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model"),
             "val_labels": "clean" if (lab.clean[val_rows] != UNKNOWN).all() else "observed",
             BUILT_FROM: built_from}
@@ -121,5 +139,41 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, out_di
                     "best_val_accuracy": result.best["val_accuracy"],
                     "best_weights": result.best["weights"],
                     "readout": result.best["readout"],
-                    "final_loss": result.history[-1]["loss"]},
+                    "final_loss": result.history[-1]["loss"], "k": k,
+                    **({"k_retry": retried} if retried else {})},
                    out.path(out_dir / "train.json"))
+
+
+def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: int,
+           index: Path, emb, lab, ret_ref, dev: str, progress: bool
+           ) -> tuple[TrainResult, dict]:
+    """Train again on candidates from the k_retry nearest neighbours (searched in the
+    index the retrieval table was built from) and keep the run with the higher
+    validation accuracy (ties: the first). Returns (kept result, the record for
+    train.json and the checkpoint: both ks and both validation accuracies)."""
+    vote = ret_ref.meta["k_selection"]
+    vote_accuracy = vote["validation_vote_accuracy"][vote["choices"].index(k_retry)]
+    log.info("the k=%d neighbour vote scores %.4f on validation, above the model trained "
+             "at k=%d (%.4f): training again at k=%d", k_retry, vote_accuracy, k,
+             first.best["val_accuracy"], k_retry)
+    idx, index_info = load_index_with_info(index)
+    index_ref = lineage.ref("index", "FAISS index", index, "lra index", index_info,
+                            rows=index_info.get("vectors"), dim=index_info.get("dim"))
+    check_built_from(ret_ref, index_ref)  # the index the table's neighbours came from
+    apply_search_params(idx, p.index.search_params)
+    is_train = emb.split == "train"
+    with tqdm(total=int(is_train.sum()), unit="row", desc=f"retrieve k={k_retry}",
+              disable=not progress, dynamic_ncols=True) as bar:
+        rows, ids, _ = search_rows(idx, emb.iter_chunks(), emb.sample_id, is_train,
+                                   k=k_retry, on_rows=bar.update)
+    candidates = candidate_labels(lab.observed[rows], lab.observed[ids])  # (N_train, k+1)
+    second = train_diffusion(replace(data, candidates=torch.from_numpy(candidates).to(dev)),
+                             p.train, progress=progress)
+    keep = second if second.best["val_accuracy"] > first.best["val_accuracy"] else first
+    kept_k = k_retry if keep is second else k
+    log.info("keeping the k=%d model (validation accuracy %.4f; k=%d: %.4f)", kept_k,
+             keep.best["val_accuracy"], k if keep is second else k_retry,
+             (first if keep is second else second).best["val_accuracy"])
+    return keep, {"first_k": k, "first_val_accuracy": first.best["val_accuracy"],
+                  "retry_k": k_retry, "retry_val_accuracy": second.best["val_accuracy"],
+                  "vote_val_accuracy": vote_accuracy, "kept_k": kept_k}

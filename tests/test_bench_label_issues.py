@@ -90,6 +90,9 @@ def test_the_table_names_the_k_each_seed_retrieved_with():
     assert cell_ks([cell(2, 20), cell(0, 100), cell(1, 200)]) == "100/200/20"
     assert cell_ks([cell(0, 50), cell(1, 50)]) == "50"
     assert cell_ks([cell(0, None), cell(1, None)]) == "10"
+    retried = cell(1, None)
+    retried["metrics"] = {"train": {"k": 50}, "retrieval": {"k": 10}}  # train's retry wins
+    assert cell_ks([cell(0, None), retried]) == "10/50"
 
 
 def test_cells_run_in_parallel_share_the_cpus_out(monkeypatch):

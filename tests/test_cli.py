@@ -348,6 +348,50 @@ def test_retrieve_k_auto_keeps_the_best_validation_vote(run_copy, tmp_path):
     assert table.candidates.shape[1] == best + 1
 
 
+def test_train_retries_at_the_k_whose_vote_beats_the_model(run_copy, tmp_path):
+    """A model below the best validation neighbour vote of retrieve.k_choices is trained
+    once more at that vote's k and the better run is kept; the retry is exactly a plain
+    run at that k (same candidates, same seed), and every record names both runs."""
+    import torch
+
+    from pipeline.retrieval import BASELINE_MARGIN, choose_k
+
+    weak = {"epochs": 2, "eval_every": 1, "warmup_epochs": 1}  # far below a k = 10 vote
+    params = bad_params(run_copy, tmp_path, retrieve={"k": 3, "k_choices": "3,10,30"},
+                        train=weak)
+    for stage_name in ("retrieve", "train"):
+        result = invoke(stage_args(stage_name, run_copy.root, params))
+        assert result.exit_code == 0, result.stderr
+    vote = json.loads(run_copy.path("retrieval_json").read_text())["k_selection"]
+    best_k = choose_k(tuple(vote["choices"]), vote["validation_vote_accuracy"])
+    assert best_k != 3
+    assert f"training again at k={best_k}" in result.stderr
+    info = json.loads(run_copy.path("train_json").read_text())
+    retry = info["k_retry"]
+    assert retry["first_k"] == 3 and retry["retry_k"] == best_k
+    assert retry["vote_val_accuracy"] == max(vote["validation_vote_accuracy"])
+    assert retry["vote_val_accuracy"] > retry["first_val_accuracy"] + BASELINE_MARGIN
+    kept = max((retry["first_val_accuracy"], 3), (retry["retry_val_accuracy"], best_k),
+               key=lambda pair: pair[0])  # ties keep the first run
+    assert info["best_val_accuracy"] == kept[0]
+    assert info["k"] == retry["kept_k"] == kept[1]
+    ckpt = torch.load(run_copy.path("model"), map_location="cpu", weights_only=False)
+    assert ckpt["info"]["k"] == kept[1]
+    assert ckpt["info"]["k_retry"] == pytest.approx(retry, abs=1e-6)  # json rounds
+    result = invoke(stage_args("evaluate", run_copy.root, params))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(run_copy.path("metrics").read_text())["model"]["k"] == kept[1]
+
+    plain = bad_params(run_copy, tmp_path / "plain", train=weak,
+                       retrieve={"k": best_k, "k_choices": str(best_k)})
+    for stage_name in ("retrieve", "train"):
+        result = invoke(stage_args(stage_name, run_copy.root, plain))
+        assert result.exit_code == 0, result.stderr
+    info = json.loads(run_copy.path("train_json").read_text())
+    assert "k_retry" not in info and info["k"] == best_k  # its only choice: no retry
+    assert info["best_val_accuracy"] == retry["retry_val_accuracy"]
+
+
 def test_retrieve_k_auto_without_a_usable_choice_is_a_usage_error(run_copy, tmp_path):
     n = n_train(run_copy)
     params = bad_params(run_copy, tmp_path, retrieve={"k": "auto", "k_choices": str(n)})

@@ -117,6 +117,7 @@ def test_stage_stderr_has_only_its_own_lines(pipeline_run, tmp_path):
                 "--embeddings", str(pipeline_run.path("embeddings")),
                 "--labels", str(pipeline_run.path("labels")),
                 "--retrieval", str(pipeline_run.path("neighbours")),
+                "--index", str(pipeline_run.path("index")),
                 "--out-dir", str(tmp_path / "model"), "--no-progress"], tmp_path,
                LRA_THREADS="1", LRA_LOG_LEVEL="INFO")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -103,8 +103,10 @@ def set_leaf(params: dict, dotted: str, value: object) -> None:
     node[last] = value
 
 
-ALSO_READ = {"evaluate.linear_iters": {"report"}, "evaluate.linear_max_rows": {"report"}}
-"""Leaves a second stage reads: the report's cross-fitted probe fits like evaluate's."""
+ALSO_READ = {"evaluate.linear_iters": {"report"}, "evaluate.linear_max_rows": {"report"},
+             "index.search_params": {"train"}}
+"""Leaves a second stage reads: the report's cross-fitted probe fits like evaluate's;
+train's retry at another k searches the index as retrieve does."""
 
 
 def owner(key: str) -> str:

@@ -10,9 +10,9 @@ import pytest
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import (apply_search_params, build_index, load_index, normalized,
                             save_index, search)
-from pipeline.retrieval import (candidate_labels, choose_k, knn_vote, label_distribution,
-                                vote_hits_by_k,
-                                neighbours_excluding_self, own_label_agreement)
+from pipeline.retrieval import (BASELINE_MARGIN, candidate_labels, choose_k, knn_vote,
+                                label_distribution, neighbours_excluding_self,
+                                own_label_agreement, retry_k, search_rows, vote_hits_by_k)
 
 
 def random_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -369,3 +369,41 @@ def test_choose_k_finds_a_wide_k_when_the_noise_is_local():
     k = choose_k(ks, val_hits)
     assert k >= 100
     assert test_hits[ks.index(k)] / len(test) > test_hits[0] / len(test) + 0.3
+
+
+def test_search_rows_streams_only_the_masked_rows_in_order():
+    x = random_vectors(300, 8, seed=3)
+    index = build_index(x[:200], np.arange(200), factory="Flat")
+    mask = np.zeros(300, dtype=bool)
+    mask[[0, 5, 150, 199, 230, 299]] = True
+    chunks = [(s, x[s:s + 64]) for s in range(0, 300, 64)]
+    seen = []
+    rows, ids, sims = search_rows(index, chunks, np.arange(300), mask, k=4,
+                                  on_rows=seen.append)
+    np.testing.assert_array_equal(rows, [0, 5, 150, 199, 230, 299])
+    want_ids, want_sims = neighbours_excluding_self(index, x[rows], rows, k=4)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(sims, want_sims)
+    assert sum(seen) == 6 and 0 not in seen  # chunks without masked rows are skipped
+    assert not (ids == rows[:, None]).any()  # self excluded for the indexed rows
+
+
+SELECTION = {"choices": [10, 20, 50], "validation_vote_accuracy": [0.40, 0.55, 0.50]}
+
+
+@pytest.mark.parametrize("trained_k, val_accuracy, expected", [
+    (10, 0.39, 20),    # the k = 20 vote beats the k = 10 model: retry there
+    (50, 0.39, 20),    # from any other k
+    (20, 0.39, None),  # already trained at the vote's best k
+    (10, 0.55, None),  # level with the vote
+    (10, 0.55 - BASELINE_MARGIN + 1e-4, None),  # within the margin counts as level
+    (10, 0.55 - BASELINE_MARGIN - 1e-4, 20),
+    (10, 0.90, None),  # the model is far above every vote
+])
+def test_retry_k_only_when_the_best_vote_beats_the_model(trained_k, val_accuracy, expected):
+    assert retry_k(SELECTION, trained_k=trained_k, val_accuracy=val_accuracy) == expected
+
+
+def test_retry_k_without_a_validation_vote_never_retries():
+    assert retry_k(None, trained_k=10, val_accuracy=0.0) is None
+    assert retry_k({}, trained_k=10, val_accuracy=0.0) is None

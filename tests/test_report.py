@@ -224,3 +224,14 @@ def test_image_refs_and_images_of_a_path_source(tmp_path):
                                                   str(tmp_path / "imgs" / "cat/a.jpg")]
     images = load_images(path, [1, 0, 0])
     assert images[0].size == (300, 200) and images[1] is None
+
+
+def test_the_report_says_when_train_retried_at_another_k():
+    from pipeline.report import _retry_note
+
+    assert _retry_note({"k_retry": None}) == "" and _retry_note({}) == ""
+    note = _retry_note({"k_retry": {"first_k": 10, "first_val_accuracy": 0.39,
+                                    "retry_k": 100, "retry_val_accuracy": 0.604,
+                                    "vote_val_accuracy": 0.493, "kept_k": 100}})
+    assert "trained at k=10 (validation 0.390)" in note
+    assert "k=100 neighbour vote scored 0.493" in note and note.endswith("kept k=100")

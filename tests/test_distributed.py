@@ -491,6 +491,47 @@ def test_train_stage_two_ranks(train_inputs, tmp_path):
     _assert_close_logs(one / "train_log.csv", two / "train_log.csv")
 
 
+def test_train_stage_retry_at_another_k_two_ranks(train_inputs, tmp_path):
+    """The retry at another k under 2 ranks: rank 0 decides, every rank trains the
+    second run on the same re-searched candidates, and rank 0 writes what a single
+    process writes. The recorded vote (1.0 at k = 20) forces the retry."""
+    from pipeline import lineage
+    from pipeline.artifacts import read_table
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.index import load_index_with_info
+
+    torch.set_num_threads(1)
+    index_dir = tmp_path / "index"
+    res = CliRunner().invoke(app, ["index", "--params", str(train_inputs["params"]),
+                                   "--embeddings", str(train_inputs["embeddings"]),
+                                   "--out-dir", str(index_dir), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    _, info = load_index_with_info(index_dir / "train.faiss")
+    index_stamp = lineage.ref("index", "FAISS index", index_dir / "train.faiss", "lra index",
+                              info, rows=info["vectors"], dim=info["dim"]).stamp()
+    table, meta = read_table(train_inputs["retrieval"], "retrieval table")
+    meta = {k: v for k, v in meta.items() if k != "fingerprint"}
+    meta["built_from"] = {**meta["built_from"], "index": index_stamp}
+    meta["k_selection"] = {"validation_rows": 60, "choices": [5, 20],
+                           "validation_vote_accuracy": [0.0, 1.0]}
+    retrieval = tmp_path / "neighbours.parquet"
+    write_table(table, retrieval, metadata=meta, fingerprint=True)
+    inputs = {**train_inputs, "retrieval": retrieval}
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = lambda out: [*_train_args(inputs, out), "--index",  # noqa: E731
+                        str(index_dir / "train.faiss")]
+    res = CliRunner().invoke(app, args(one))
+    assert res.exit_code == 0, res.output
+    run_ranks(_invoke, args(two))
+    _, p1 = load_checkpoint(one / "model.pt")
+    _, p2 = load_checkpoint(two / "model.pt")
+    assert p1["info"]["k_retry"]["retry_k"] == 20 and p1["info"]["k_retry"]["first_k"] == 5
+    assert p2["info"]["k_retry"] == p1["info"]["k_retry"]
+    assert p1["info"]["k"] == p2["info"]["k"] == p1["info"]["k_retry"]["kept_k"]
+    _assert_same_weights(p1["state_dict"], p2["state_dict"])
+    _assert_close_logs(one / "train_log.csv", two / "train_log.csv")
+
+
 def _assert_close_logs(a: Path, b: Path) -> None:
     """Same columns and epochs; the same validation accuracies; losses to rounding."""
     ra = [line.split(",") for line in a.read_text().splitlines()]

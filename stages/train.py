@@ -26,7 +26,8 @@ from pipeline.index import apply_search_params, load_index_with_info
 from pipeline.lineage import BUILT_FROM, check_built_from
 from pipeline.neighbours import read_candidates_meta
 from pipeline.retrieval import candidate_labels, retry_k, search_rows
-from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
+from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
+                             open_embeddings, read_labels)
 from pipeline.training import TrainData, TrainResult, model_spec, train_diffusion
 from stages.app import (DeviceOption, EmbeddingsOption, IndexOption, LabelsOption,
                         NprocOption, OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
@@ -145,8 +146,8 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, index:
 
 
 def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: int,
-           index: Path, emb, lab, ret_ref, dev: str, progress: bool
-           ) -> tuple[TrainResult, dict]:
+           index: Path, emb: EmbeddingsFile, lab: Labels, ret_ref: lineage.Ref, dev: str,
+           progress: bool) -> tuple[TrainResult, dict]:
     """Train again on candidates from the k_retry nearest neighbours (searched in the
     index the retrieval table was built from) and keep the run with the higher
     validation accuracy (ties: the first). Returns (kept result, the record for

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.artifacts import atomic_path
 from pipeline.errors import ArtifactError, ConfigError
+from pipeline.lineage import Ref, ref
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,12 @@ def load_index_with_info(path: str | Path) -> tuple[faiss.Index, dict]:
                             f"does not match {index_info_path(path)} ({info.get('vectors')} "
                             f"of dimension {info.get('dim')}); rerun `lra index`")
     return index, info
+
+
+def index_ref(path: str | Path, info: dict) -> Ref:
+    """The index as lineage checks see it (`load_index_with_info`'s info)."""
+    return ref("index", "FAISS index", path, "lra index", info, rows=info.get("vectors"),
+               dim=info.get("dim"))
 
 
 def load_index(path: str | Path) -> faiss.Index:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from pipeline import lineage
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.index import apply_search_params, load_index_with_info
+from pipeline.index import apply_search_params, index_ref, load_index_with_info
 from pipeline.config import RetrieveConfig
 from pipeline.retrieval import (candidate_labels, choose_k, label_distribution,
                                 neighbours_excluding_self, own_label_agreement, search_rows,
@@ -39,11 +39,10 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
         lab = read_labels(labels)
         check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
         idx, info = load_index_with_info(index)
-        index_ref = lineage.ref("index", "FAISS index", index, "lra index", info,
-                                rows=info.get("vectors"), dim=info.get("dim"))
-        lineage.check_built_from(index_ref, emb.ref())
+        idx_ref = index_ref(index, info)
+        lineage.check_built_from(idx_ref, emb.ref())
         lineage.check_same_origin(emb.ref(), lab.ref(labels))
-        built_from = {"index": index_ref.stamp(), "embeddings": emb.ref().stamp(),
+        built_from = {"index": idx_ref.stamp(), "embeddings": emb.ref().stamp(),
                       "labels": lab.ref(labels).stamp()}
         n_train = int((emb.split == "train").sum())
         if idx.ntotal != n_train:

@@ -15,15 +15,15 @@ import torch
 import typer
 from tqdm.auto import tqdm
 
-from pipeline import distributed, lineage
+from pipeline import distributed
 from pipeline.allocator import retain_freed_memory
 from pipeline.artifacts import StageWriter, write_csv, write_json
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Params, as_dict
 from pipeline.errors import ArtifactError
 from pipeline.features import FeatureNormalizer
-from pipeline.index import apply_search_params, load_index_with_info
-from pipeline.lineage import BUILT_FROM, check_built_from
+from pipeline.index import apply_search_params, index_ref, load_index_with_info
+from pipeline.lineage import BUILT_FROM, Ref, check_built_from
 from pipeline.neighbours import read_candidates_meta
 from pipeline.retrieval import candidate_labels, retry_k, search_rows
 from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
@@ -146,7 +146,7 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, index:
 
 
 def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: int,
-           index: Path, emb: EmbeddingsFile, lab: Labels, ret_ref: lineage.Ref, dev: str,
+           index: Path, emb: EmbeddingsFile, lab: Labels, ret_ref: Ref, dev: str,
            progress: bool) -> tuple[TrainResult, dict]:
     """Train again on candidates from the k_retry nearest neighbours (searched in the
     index the retrieval table was built from) and keep the run with the higher
@@ -158,9 +158,7 @@ def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: i
              "at k=%d (%.4f): training again at k=%d", k_retry, vote_accuracy, k,
              first.best["val_accuracy"], k_retry)
     idx, index_info = load_index_with_info(index)
-    index_ref = lineage.ref("index", "FAISS index", index, "lra index", index_info,
-                            rows=index_info.get("vectors"), dim=index_info.get("dim"))
-    check_built_from(ret_ref, index_ref)  # the index the table's neighbours came from
+    check_built_from(ret_ref, index_ref(index, index_info))  # the table's own index
     apply_search_params(idx, p.index.search_params)
     is_train = emb.split == "train"
     with tqdm(total=int(is_train.sum()), unit="row", desc=f"retrieve k={k_retry}",
@@ -170,11 +168,11 @@ def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: i
     candidates = candidate_labels(lab.observed[rows], lab.observed[ids])  # (N_train, k+1)
     second = train_diffusion(replace(data, candidates=torch.from_numpy(candidates).to(dev)),
                              p.train, progress=progress)
-    keep = second if second.best["val_accuracy"] > first.best["val_accuracy"] else first
-    kept_k = k_retry if keep is second else k
+    runs = {k: first, k_retry: second}
+    kept_k = k_retry if second.best["val_accuracy"] > first.best["val_accuracy"] else k
+    other_k = k if kept_k == k_retry else k_retry
     log.info("keeping the k=%d model (validation accuracy %.4f; k=%d: %.4f)", kept_k,
-             keep.best["val_accuracy"], k if keep is second else k_retry,
-             (first if keep is second else second).best["val_accuracy"])
-    return keep, {"first_k": k, "first_val_accuracy": first.best["val_accuracy"],
+             runs[kept_k].best["val_accuracy"], other_k, runs[other_k].best["val_accuracy"])
+    return runs[kept_k], {"first_k": k, "first_val_accuracy": first.best["val_accuracy"],
                   "retry_k": k_retry, "retry_val_accuracy": second.best["val_accuracy"],
                   "vote_val_accuracy": vote_accuracy, "kept_k": kept_k}

@@ -495,10 +495,9 @@ def test_train_stage_retry_at_another_k_two_ranks(train_inputs, tmp_path):
     """The retry at another k under 2 ranks: rank 0 decides, every rank trains the
     second run on the same re-searched candidates, and rank 0 writes what a single
     process writes. The recorded vote (1.0 at k = 20) forces the retry."""
-    from pipeline import lineage
     from pipeline.artifacts import read_table
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.index import load_index_with_info
+    from pipeline.index import index_ref, load_index_with_info
 
     torch.set_num_threads(1)
     index_dir = tmp_path / "index"
@@ -507,8 +506,7 @@ def test_train_stage_retry_at_another_k_two_ranks(train_inputs, tmp_path):
                                    "--out-dir", str(index_dir), "--no-progress"])
     assert res.exit_code == 0, res.output
     _, info = load_index_with_info(index_dir / "train.faiss")
-    index_stamp = lineage.ref("index", "FAISS index", index_dir / "train.faiss", "lra index",
-                              info, rows=info["vectors"], dim=info["dim"]).stamp()
+    index_stamp = index_ref(index_dir / "train.faiss", info).stamp()
     table, meta = read_table(train_inputs["retrieval"], "retrieval table")
     meta = {k: v for k, v in meta.items() if k != "fingerprint"}
     meta["built_from"] = {**meta["built_from"], "index": index_stamp}

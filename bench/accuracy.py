@@ -98,12 +98,12 @@ def run_cell(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict
     started = time.perf_counter()
     noise(params=pfile, prepared=space_dir / "prepared/samples.parquet", embeddings=emb,
           out_dir=work / "labels")
-    retrieve(params=pfile, index=space_dir / "index/train.faiss", embeddings=emb,
+    retrieve(params=pfile, index=space_dir / "index", embeddings=emb,
              labels=work / "labels/labels.parquet", out_dir=work / "retrieval",
              threads=threads)
     train(params=pfile, embeddings=emb, labels=work / "labels/labels.parquet",
           retrieval=work / "retrieval/neighbours.parquet",
-          index=space_dir / "index/train.faiss", out_dir=work / "model", device="auto",
+          index=space_dir / "index", out_dir=work / "model", device="auto",
           threads=threads, progress=False)
     evaluate(params=pfile, model=work / "model/model.pt", embeddings=emb,
              labels=work / "labels/labels.parquet",

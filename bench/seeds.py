@@ -36,13 +36,13 @@ def run_seed(seed: int, params: dict, data: Path, work: Path, threads: int = 0) 
     noise(params=pfile, prepared=data / "prepared/samples.parquet",
           embeddings=data / "embeddings/embeddings.parquet", out_dir=work / "labels",
           threads=threads, progress=False)
-    retrieve(params=pfile, index=data / "index/train.faiss",
+    retrieve(params=pfile, index=data / "index",
              embeddings=data / "embeddings/embeddings.parquet",
              labels=work / "labels/labels.parquet", out_dir=work / "retrieval", threads=threads,
              progress=False)
     train(params=pfile, embeddings=data / "embeddings/embeddings.parquet",
           labels=work / "labels/labels.parquet", retrieval=work / "retrieval/neighbours.parquet",
-          index=data / "index/train.faiss", out_dir=work / "model", device="auto",
+          index=data / "index", out_dir=work / "model", device="auto",
           threads=threads, progress=False)
     evaluate(params=pfile, model=work / "model/model.pt",
              embeddings=data / "embeddings/embeddings.parquet",

@@ -1,6 +1,6 @@
 """The accuracy benchmark's feature spaces, each built into a folder as the pipeline's own
 artifacts (`prepared/samples.parquet`, `embeddings/embeddings.parquet`,
-`index/train.faiss`), so every method afterwards runs through the real stages.
+`index/`), so every method afterwards runs through the real stages.
 
     digits64   scikit-learn digits through `lra prepare` + `lra embed` (pixels, 64-d):
                the embedded default.
@@ -154,7 +154,9 @@ def build_space(name: str, root: Path) -> Path:
     """Build (once) and return the folder holding `name`'s prepared table, embeddings
     and index. Spaces derived from digits64 build it first."""
     folder = root / space_version(name) / name
-    if (folder / "index/train.faiss").exists():
+    if (folder / "index/index.json").exists():
+        if "spaces" not in json.loads((folder / "index/index.json").read_text()):
+            _index(folder)  # built before the index held one file per retrieval space
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     if name == "digits64":

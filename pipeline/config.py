@@ -89,17 +89,39 @@ class EmbedConfig:
         _choice("embed", "encoder", self.encoder, ENCODERS)
 
 
+SPACES = ("raw", "center", "standardize")
+"""Retrieval spaces, named after `train.feature_norm`'s normalisers: cosine on the
+embeddings as they are, minus the train mean, or per coordinate minus the train mean and
+over the train std. Which one retrieves the cleanest labels depends on the encoder: raw on
+pixels and CLIP-like embeddings, standardised on a projection whose few large
+coordinates drown the rest (bench/README.md, "retrieval space")."""
+
+
 @dataclass(frozen=True)
 class IndexConfig:
-    """FAISS index over the train split: an `index_factory` string (inner product on
-    L2-normalised vectors) and optional search-time parameters such as "efSearch=128"."""
+    """FAISS indexes over the train split: an `index_factory` string (inner product on
+    L2-normalised vectors), optional search-time parameters such as "efSearch=128", and
+    the retrieval spaces to index (comma-separated, of `pipeline.index.SPACES`): retrieve
+    searches the one whose validation vote is best (`pipeline.retrieval.choose_space`)."""
 
     factory: str = "Flat"
     search_params: str = ""
+    spaces: str = "raw,center,standardize"
 
     def __post_init__(self) -> None:
         _check(bool(self.factory.strip()), "index", "factory", self.factory,
                "a FAISS index_factory string such as Flat, HNSW32 or IVF1024,Flat")
+        self.space_names  # noqa: B018 - validates spaces
+
+    @property
+    def space_names(self) -> tuple[str, ...]:
+        """spaces parsed, in the given order (the first is preferred on a tie)."""
+        names = [part.strip() for part in self.spaces.split(",") if part.strip()]
+        if not names or len(set(names)) != len(names) or not set(names) <= set(SPACES):
+            raise ConfigError(f"index.spaces: {self.spaces!r} is not valid; it must be "
+                              f"distinct comma-separated names of {', '.join(SPACES)}, "
+                              "e.g. 'raw,center,standardize'")
+        return tuple(names)
 
 
 @dataclass(frozen=True)

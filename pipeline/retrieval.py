@@ -92,6 +92,16 @@ def choose_k(ks: tuple[int, ...], hits: np.ndarray) -> int:
     return int(ks[int(np.argmax(hits))])  # argmax returns the first maximum; ks ascend
 
 
+def choose_space(spaces: tuple[str, ...], best_votes: list[float], *,
+                 margin: float = BASELINE_MARGIN) -> str:
+    """The retrieval space to search: the one whose best validation vote (over the k
+    choices) is highest, unless the first listed space (raw, by default) is within
+    `margin` of it: another space must be clearly better to be taken. spaces: in
+    `index.spaces` order; best_votes: one accuracy per space."""
+    best = int(np.argmax(best_votes))  # the first maximum
+    return spaces[0] if best_votes[best] <= best_votes[0] + margin else spaces[best]
+
+
 def search_rows(index: faiss.Index, chunks: Iterable[tuple[int, np.ndarray]],
                 sample_id: np.ndarray, mask: np.ndarray, *, k: int,
                 on_rows: Callable[[int], None] = lambda n: None

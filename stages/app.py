@@ -64,8 +64,8 @@ PreparedOption = Annotated[Path, typer.Option(
 EmbeddingsOption = Annotated[Path, typer.Option(
     "--embeddings", help="Embeddings table (lra embed): data/embeddings/embeddings.parquet.")]
 IndexOption = Annotated[Path, typer.Option(
-    "--index", help="FAISS index (lra index): data/index/train.faiss, with its index.json "
-                    "beside it.")]
+    "--index", help="FAISS index folder (lra index): data/index, one <space>.faiss per "
+                    "retrieval space and their index.json.")]
 LabelsOption = Annotated[Path, typer.Option(
     "--labels", help="Labels table (lra noise): data/labels/labels.parquet.")]
 RetrievalOption = Annotated[Path, typer.Option(

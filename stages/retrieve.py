@@ -11,10 +11,11 @@ from tqdm.auto import tqdm
 from pipeline import lineage
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.index import apply_search_params, index_ref, load_index_with_info
-from pipeline.config import RetrieveConfig
-from pipeline.retrieval import (candidate_labels, choose_k, label_distribution,
-                                neighbours_excluding_self, own_label_agreement, search_rows,
+from pipeline.index import (apply_search_params, index_ref, load_index_with_info,
+                            read_index_info)
+from pipeline.config import Params
+from pipeline.retrieval import (candidate_labels, choose_k, choose_space, label_distribution,
+                                neighbours_excluding_self, own_label_agreement,
                                 vote_hits_by_k)
 from pipeline.neighbours import write_retrieval
 from pipeline.tables import UNKNOWN, check_same_samples, open_embeddings, read_labels
@@ -26,32 +27,40 @@ log = logging.getLogger(__name__)
 
 @app.command()
 def retrieve(params: ParamsOption = Path("params.yaml"),
-             index: IndexOption = Path("data/index/train.faiss"),
+             index: IndexOption = Path("data/index"),
              embeddings: EmbeddingsOption = Path("data/embeddings/embeddings.parquet"),
              labels: LabelsOption = Path("data/labels/labels.parquet"),
              out_dir: OutDirOption = Path("data/retrieval"), threads: ThreadsOption = 0,
              progress: ProgressOption = True) -> None:
-    """For every sample, its k nearest train neighbours (never itself) and their labels
-    (retrieve.k: auto picks k by the neighbour vote's accuracy on the validation rows)."""
+    """For every sample, its k nearest train neighbours (never itself) and their labels,
+    in the indexed space whose neighbour vote is best on the validation rows
+    (retrieve.k: auto picks k by that vote too)."""
     with stage("retrieve", params) as p:
         set_threads(threads, libraries=("faiss",))  # no torch here
         emb = open_embeddings(embeddings)
         lab = read_labels(labels)
         check_same_samples(emb.sample_id, lab.sample_id, "embeddings", "labels")
-        idx, info = load_index_with_info(index)
+        info = read_index_info(index)
         idx_ref = index_ref(index, info)
         lineage.check_built_from(idx_ref, emb.ref())
         lineage.check_same_origin(emb.ref(), lab.ref(labels))
         built_from = {"index": idx_ref.stamp(), "embeddings": emb.ref().stamp(),
                       "labels": lab.ref(labels).stamp()}
         n_train = int((emb.split == "train").sum())
-        if idx.ntotal != n_train:
+        if info["vectors"] != n_train:
             # A stale index is a mismatched artifact (exit 1), not a params error.
-            raise ArtifactError(f"index at {index} holds {idx.ntotal} vectors but the "
+            raise ArtifactError(f"index at {index} holds {info['vectors']} vectors but the "
                                 f"train split has {n_train}; rerun `lra index`")
-        apply_search_params(idx, p.index.search_params)
-        selection = _vote_on_validation(idx, emb, lab, p.retrieve, n_train=n_train,
+        spaces = tuple(info["spaces"])
+        selection = _vote_on_validation(index, spaces, emb, lab, p, n_train=n_train,
                                         required=p.retrieve.auto, progress=progress)
+        space = selection["space"] if selection else spaces[0]
+        if selection and len(spaces) > 1:
+            log.info("retrieval space: %s (best validation vote %s)", space, ", ".join(
+                f"{name} {max(votes):.3f}" for name, votes in
+                selection["vote_by_space"].items()))
+        idx, _ = load_index_with_info(index, space)
+        apply_search_params(idx, p.index.search_params)
         if p.retrieve.auto:
             k = choose_k(tuple(selection["choices"]), selection["validation_vote_accuracy"])
             log.info("retrieve.k auto: k = %d (neighbour vote on %d validation rows: %s)", k,
@@ -102,26 +111,28 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
                             split=emb.split, neighbour_ids=ids, distances=1.0 - sims,
                             neighbour_labels=neighbour_labels, candidates=candidates,
                             distribution=distribution, agreement=agreement, is_train=is_train,
-                            metadata={"k": k, "k_chosen_on_validation": p.retrieve.auto,
+                            metadata={"k": k, "space": space,
+                                      "k_chosen_on_validation": p.retrieve.auto,
                                       "k_selection": selection,
                                       "num_classes": lab.num_classes,
-                                      "distance": "cosine (1 - cos similarity)",
+                                      "distance": f"cosine (1 - cos similarity), {space} space",
                                       lineage.BUILT_FROM: built_from})
             write_json(summary, out.path(out_dir / "retrieval.json"))
 
 
-def _vote_on_validation(idx, emb, lab, cfg: RetrieveConfig, *, n_train: int,
-                        required: bool, progress: bool) -> dict | None:
-    """Search the validation rows' max(k_choices) neighbours once and score the neighbour
-    vote (evaluate's kNN vote) over the first k of them, for each k of `k_choices`.
-    retrieve.k = auto keeps the best; with an integer k, train retries at the best when
-    its vote beats the model (`pipeline.retrieval.retry_k`). Returns the record for
+def _vote_on_validation(folder: Path, spaces: tuple[str, ...], emb, lab, p: Params, *,
+                        n_train: int, required: bool, progress: bool) -> dict | None:
+    """In each indexed space, search the validation rows' max(k_choices) neighbours once
+    and score the neighbour vote (evaluate's kNN vote) over the first k of them, for each
+    k of `k_choices`; the space with the best vote is searched (`choose_space`).
+    retrieve.k = auto keeps that space's best k; with an integer k, train retries at it
+    when its vote beats the model (`pipeline.retrieval.retry_k`). Returns the record for
     retrieval.json and the table's metadata, or None when there is nothing to vote on
     (no validation rows or no usable choice), which is an error only when `required`."""
+    cfg = p.retrieve
     choices = tuple(c for c in cfg.candidate_ks if c < n_train)
-    is_val = emb.split == "val"
-    n_val = int(is_val.sum())
-    if not choices or n_val == 0:
+    val = np.flatnonzero(emb.split == "val")
+    if not choices or len(val) == 0:
         if not required:
             return None
         if not choices:
@@ -129,16 +140,23 @@ def _vote_on_validation(idx, emb, lab, cfg: RetrieveConfig, *, n_train: int,
                               f"be smaller than the train split ({n_train} samples)")
         raise ConfigError("retrieve.k: 'auto' chooses k on the validation split, which is "
                           "empty here; set data.val_fraction > 0 or give an integer k")
-    with tqdm(total=n_val, unit="row", desc="validation vote", disable=not progress,
-              dynamic_ncols=True) as bar:
-        rows, ids, sims = search_rows(idx, emb.iter_chunks(), emb.sample_id, is_val,
-                                      k=choices[-1], on_rows=bar.update)
-    hits = vote_hits_by_k(lab.observed[ids], sims, lab.selection_truth(rows), choices,
-                          lab.num_classes)
+    queries, truth = emb.read_rows(val), lab.selection_truth(val)  # (V, D), (V,)
+    votes = {}
+    with tqdm(total=len(val) * len(spaces), unit="row", desc="validation vote",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for space in spaces:  # one index in memory at a time
+            idx, _ = load_index_with_info(folder, space)
+            apply_search_params(idx, p.index.search_params)
+            ids, sims = neighbours_excluding_self(idx, queries, emb.sample_id[val],
+                                                  k=choices[-1])
+            hits = vote_hits_by_k(lab.observed[ids], sims, truth, choices, lab.num_classes)
+            votes[space] = [round(float(h) / len(val), 6) for h in hits]
+            bar.update(len(val))
+    space = choose_space(spaces, [max(v) for v in votes.values()])
     # No rule text here: retrieval.json is a DVC metrics file, and `dvc exp show` would
     # give a string its own column (the rules are in RetrieveConfig's docstring).
-    return {"validation_rows": n_val, "choices": list(choices),
-            "validation_vote_accuracy": [round(float(h) / n_val, 6) for h in hits]}
+    return {"validation_rows": len(val), "choices": list(choices), "space": space,
+            "validation_vote_accuracy": votes[space], "vote_by_space": votes}
 
 
 def _votes(selection: dict) -> str:

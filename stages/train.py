@@ -39,7 +39,7 @@ def train(params: ParamsOption = Path("params.yaml"),
           embeddings: EmbeddingsOption = Path("data/embeddings/embeddings.parquet"),
           labels: LabelsOption = Path("data/labels/labels.parquet"),
           retrieval: RetrievalOption = Path("data/retrieval/neighbours.parquet"),
-          index: IndexOption = Path("data/index/train.faiss"),
+          index: IndexOption = Path("data/index"),
           out_dir: OutDirOption = Path("data/model"), device: DeviceOption = "auto",
           threads: ThreadsOption = 0, progress: ProgressOption = True,
           nproc: NprocOption = 1) -> None:
@@ -149,7 +149,7 @@ def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: i
            index: Path, emb: EmbeddingsFile, lab: Labels, ret_ref: Ref, dev: str,
            progress: bool) -> tuple[TrainResult, dict]:
     """Train again on candidates from the k_retry nearest neighbours (searched in the
-    index the retrieval table was built from) and keep the run with the higher
+    index and space the retrieval table was built from) and keep the run with the higher
     validation accuracy (ties: the first). Returns (kept result, the record for
     train.json and the checkpoint: both ks and both validation accuracies)."""
     vote = ret_ref.meta["k_selection"]
@@ -157,7 +157,8 @@ def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: i
     log.info("the k=%d neighbour vote scores %.4f on validation, above the model trained "
              "at k=%d (%.4f): training again at k=%d", k_retry, vote_accuracy, k,
              first.best["val_accuracy"], k_retry)
-    idx, index_info = load_index_with_info(index)
+    space = ret_ref.meta.get("space", "raw")  # the space the table was retrieved in
+    idx, index_info = load_index_with_info(index, space)
     check_built_from(ret_ref, index_ref(index, index_info))  # the table's own index
     apply_search_params(idx, p.index.search_params)
     is_train = emb.split == "train"

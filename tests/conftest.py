@@ -51,7 +51,9 @@ ARTIFACTS = {
     "rejects": "data/prepared/rejects.parquet",
     "summary": "data/prepared/summary.json",
     "embeddings": "data/embeddings/embeddings.parquet",
-    "index": "data/index/train.faiss",
+    "index_raw": "data/index/raw.faiss",
+    "index_center": "data/index/center.faiss",
+    "index_standardize": "data/index/standardize.faiss",
     "index_json": "data/index/index.json",
     "labels": "data/labels/labels.parquet",
     "noise_json": "data/labels/noise.json",
@@ -67,6 +69,8 @@ ARTIFACTS = {
     "report_json": "data/report/report.json",
     "report_html": "data/report/index.html",
 }
+FOLDERS = {"index": "data/index"}
+"""Artifact folders a stage option names (`lra index` writes one file per space)."""
 
 
 # --------------------------------------------------------------------------- threads
@@ -182,17 +186,17 @@ class PipelineRun:
     params: dict[str, Any]
 
     def path(self, name: str) -> Path:
-        return self.root / ARTIFACTS[name]
+        return self.root / (ARTIFACTS[name] if name in ARTIFACTS else FOLDERS[name])
 
 
 def stage_args(stage: str, root: Path, params_path: Path) -> list[str]:
     """`lra STAGE` arguments that read and write everything below `root`."""
-    a = {name: str(root / rel) for name, rel in ARTIFACTS.items()}
+    a = {name: str(root / rel) for name, rel in {**FOLDERS, **ARTIFACTS}.items()}
     d = lambda name: str(Path(a[name]).parent)  # noqa: E731
     paths = {
         "prepare": ["--out-dir", d("samples")],
         "embed": ["--prepared", a["samples"], "--out-dir", d("embeddings")],
-        "index": ["--embeddings", a["embeddings"], "--out-dir", d("index")],
+        "index": ["--embeddings", a["embeddings"], "--out-dir", a["index"]],
         "noise": ["--prepared", a["samples"], "--embeddings", a["embeddings"],
                   "--out-dir", d("labels")],
         "retrieve": ["--index", a["index"], "--embeddings", a["embeddings"],

@@ -141,27 +141,3 @@ def test_relabel_round_takes_the_suggestion_only_where_flagged(tmp_path):
     assert ids.tolist() == list(range(9))
     assert label[[4, 1, 7]].tolist() == [3, 2, 3]
     assert label[[0, 2, 8]].tolist() == [0, 0, 0]  # not in the table / not train: kept
-
-
-def test_retrieval_space_vote_matches_a_full_sort():
-    """bench.retrieval_space: the top-k by partition equals a full stable sort's vote, and
-    each space's rows are unit vectors centred / scaled on the train rows only."""
-    from bench.retrieval_space import KS, transformed, vote_accuracy
-    from pipeline.retrieval import knn_vote
-
-    rng = np.random.default_rng(0)
-    x = (rng.normal(size=(600, 5)) * [1, 2, 3, 4, 50] + 7).astype(np.float32)
-    train, val = np.arange(400), np.arange(400, 600)
-    observed = rng.integers(0, 4, 600)
-    spaces = transformed(x, train)
-    for z in spaces.values():
-        np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
-    got = vote_accuracy(spaces["raw"], observed, observed[val], train, val, 4)
-    sims = spaces["raw"][val] @ spaces["raw"][train].T
-    order = np.argsort(-sims, axis=1, kind="stable")
-    want = [float((knn_vote(observed[train[order[:, :k]]],
-                            np.take_along_axis(sims, order[:, :k], axis=1), 4)
-                   == observed[val]).mean()) for k in KS]
-    assert got == pytest.approx(want, abs=1e-6)
-    unscaled = transformed(np.concatenate([x[:400], x[400:] * 100]), train)
-    np.testing.assert_array_equal(unscaled["standardised"][:400], spaces["standardised"][:400])

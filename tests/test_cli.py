@@ -36,7 +36,7 @@ from pipeline.config import ENCODERS, NOISE_KINDS, SOURCES
 STAGE_OUTS = {
     "prepare": ("samples", "rejects", "summary"),
     "embed": ("embeddings",),
-    "index": ("index", "index_json"),
+    "index": ("index_raw", "index_center", "index_standardize", "index_json"),
     "noise": ("labels", "noise_json"),
     "retrieve": ("neighbours", "retrieval_json"),
     "train": ("model", "train_json", "train_log"),
@@ -317,34 +317,42 @@ def test_k_not_below_train_split_size_is_a_usage_error(run_copy, tmp_path):
 
 
 def test_retrieve_k_auto_keeps_the_best_validation_vote(run_copy, tmp_path):
-    """retrieve.k = auto: the stage writes the k whose neighbour vote is most accurate on
-    the validation rows (recomputed here from the index and the labels), and says so in
-    retrieval.json and the table's metadata."""
-    from pipeline.index import load_index, search
+    """retrieve.k = auto: the stage searches the space, then the k, whose neighbour vote
+    is most accurate on the validation rows (recomputed here from each space's index and
+    the labels), and says so in retrieval.json and the table's metadata."""
+    from pipeline.index import index_file, load_index, search
     from pipeline.neighbours import read_retrieval
-    from pipeline.retrieval import knn_vote
+    from pipeline.retrieval import choose_space, knn_vote
     from pipeline.tables import read_embeddings, read_labels
 
-    choices = (3, 10, 30)
+    choices, spaces = (3, 10, 30), ("raw", "center", "standardize")
     params = bad_params(run_copy, tmp_path, retrieve={"k": "auto", "k_choices": "30,3,10"})
     result = invoke(stage_args("retrieve", run_copy.root, params))
     assert result.exit_code == 0, result.stderr
     assert "retrieve.k auto: k = " in result.stderr
     emb, lab = read_embeddings(run_copy.path("embeddings")), read_labels(run_copy.path("labels"))
     val = np.flatnonzero(emb.split == "val")
-    index = load_index(run_copy.path("index"))
-    sims, ids = search(index, emb.vectors[val], 30)
-    accuracy = [float((knn_vote(lab.observed[ids[:, :k]], sims[:, :k], lab.num_classes)
-                       == lab.observed[val]).mean()) for k in choices]
-    best = choices[int(np.argmax(accuracy))]
+    accuracy = {}
+    for space in spaces:
+        sims, ids = search(load_index(index_file(run_copy.path("index"), space)),
+                           emb.vectors[val], 30)
+        accuracy[space] = [float((knn_vote(lab.observed[ids[:, :k]], sims[:, :k],
+                                           lab.num_classes) == lab.observed[val]).mean())
+                           for k in choices]
+    assert len({tuple(a) for a in accuracy.values()}) > 1  # the spaces really differ
+    space = choose_space(spaces, [max(a) for a in accuracy.values()])
+    best = choices[int(np.argmax(accuracy[space]))]
     summary = json.loads(run_copy.path("retrieval_json").read_text())
     assert summary["k"] == best
-    assert summary["k_selection"]["choices"] == list(choices)
-    assert summary["k_selection"]["validation_rows"] == len(val)
-    assert summary["k_selection"]["validation_vote_accuracy"] == pytest.approx(accuracy,
-                                                                               abs=1e-6)
+    selection = summary["k_selection"]
+    assert selection["choices"] == list(choices) and selection["space"] == space
+    assert selection["validation_rows"] == len(val)
+    for name in spaces:
+        assert selection["vote_by_space"][name] == pytest.approx(accuracy[name], abs=1e-6)
+    assert selection["validation_vote_accuracy"] == selection["vote_by_space"][space]
     table = read_retrieval(run_copy.path("neighbours"))
     assert table.k == best and table.meta["k_chosen_on_validation"] is True
+    assert table.meta["space"] == space
     assert table.candidates.shape[1] == best + 1
 
 
@@ -405,7 +413,8 @@ def test_retrieve_k_auto_without_a_usable_choice_is_a_usage_error(run_copy, tmp_
 # --------------------------------------------------------------------------- domain errors
 @pytest.mark.parametrize("stage, missing", [
     ("embed", "samples"), ("index", "embeddings"), ("noise", "samples"),
-    ("retrieve", "index"), ("retrieve", "labels"), ("train", "neighbours"),
+    ("retrieve", "index_raw"), ("retrieve", "index_standardize"), ("retrieve", "index_json"),
+    ("retrieve", "labels"), ("train", "neighbours"),
     ("train", "embeddings"), ("evaluate", "model"), ("evaluate", "labels"),
 ])
 def test_missing_upstream_artifact_is_a_domain_error(run_copy, stage, missing):
@@ -444,7 +453,7 @@ def test_stale_index_is_a_domain_error(run_copy):
     emb = read_embeddings(run_copy.path("embeddings"))
     half = emb.rows("train")[: len(emb.rows("train")) // 2]
     save_index(build_index(emb.vectors[half], emb.sample_id[half], factory="Flat"),
-               run_copy.path("index"))
+               run_copy.path("index_raw"))
     clear_outputs(run_copy, "retrieve")
     result = invoke(stage_args("retrieve", run_copy.root, run_copy.params_path))
     assert result.exit_code == 1, result.output
@@ -502,7 +511,7 @@ def test_wrong_embedding_column_type_is_a_domain_error(run_copy):
 
 
 @pytest.mark.parametrize("stage, corrupt", [
-    ("retrieve", "embeddings"), ("retrieve", "index"), ("evaluate", "model")])
+    ("retrieve", "embeddings"), ("retrieve", "index_center"), ("evaluate", "model")])
 def test_corrupt_artifact_is_a_domain_error(run_copy, stage, corrupt):
     run_copy.path(corrupt).write_bytes(b"not what you expect\n" * 8)
     clear_outputs(run_copy, stage)

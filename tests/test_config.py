@@ -94,12 +94,21 @@ def test_section_must_be_mapping():
     ("retrieve", "k", "ten"),  # a string is only "auto"
     ("retrieve", "k_choices", "10,x"),
     ("retrieve", "k_choices", "0,10"),
+    ("index", "spaces", "raw,whiten"),
+    ("index", "spaces", "raw,center,raw"),
+    ("index", "spaces", " , "),
     ("data", "val_fraction", [0.1]),
 ])
 def test_wrong_types_are_rejected(section, key, value):
     with pytest.raises(ConfigError) as exc:
         params_from_dict({section: {key: value}})
     assert f"{section}.{key}" in str(exc.value)
+
+
+def test_index_spaces_keep_their_order():
+    assert params_from_dict({}).index.space_names == ("raw", "center", "standardize")
+    p = params_from_dict({"index": {"spaces": " standardize, raw "}})
+    assert p.index.space_names == ("standardize", "raw")
 
 
 def test_retrieve_k_auto_and_its_choices():

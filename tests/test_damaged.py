@@ -12,13 +12,15 @@ from conftest import (ARTIFACTS, assert_one_line_error, hashes, invoke, stage_ar
 from test_cli import STAGE_OUTS
 
 REBUILDS = {"samples": "lra prepare", "embeddings": "lra embed", "labels": "lra noise",
-            "neighbours": "lra retrieve", "index": "lra index", "index_json": "lra index",
+            "neighbours": "lra retrieve", "index_raw": "lra index",
+            "index_standardize": "lra index", "index_json": "lra index",
             "model": "lra train"}
 
 READERS = [("samples", "embed"), ("samples", "noise"), ("embeddings", "index"),
            ("embeddings", "retrieve"), ("embeddings", "train"), ("embeddings", "evaluate"),
            ("labels", "retrieve"), ("labels", "train"), ("labels", "evaluate"),
-           ("neighbours", "train"), ("neighbours", "evaluate"), ("index", "retrieve"),
+           ("neighbours", "train"), ("neighbours", "evaluate"), ("index_raw", "retrieve"),
+           ("index_standardize", "retrieve"),
            ("index_json", "retrieve"), ("model", "evaluate")]
 
 

@@ -505,8 +505,8 @@ def test_train_stage_retry_at_another_k_two_ranks(train_inputs, tmp_path):
                                    "--embeddings", str(train_inputs["embeddings"]),
                                    "--out-dir", str(index_dir), "--no-progress"])
     assert res.exit_code == 0, res.output
-    _, info = load_index_with_info(index_dir / "train.faiss")
-    index_stamp = index_ref(index_dir / "train.faiss", info).stamp()
+    _, info = load_index_with_info(index_dir, "raw")
+    index_stamp = index_ref(index_dir, info).stamp()
     table, meta = read_table(train_inputs["retrieval"], "retrieval table")
     meta = {k: v for k, v in meta.items() if k != "fingerprint"}
     meta["built_from"] = {**meta["built_from"], "index": index_stamp}
@@ -516,8 +516,7 @@ def test_train_stage_retry_at_another_k_two_ranks(train_inputs, tmp_path):
     write_table(table, retrieval, metadata=meta, fingerprint=True)
     inputs = {**train_inputs, "retrieval": retrieval}
     one, two = tmp_path / "one", tmp_path / "two"
-    args = lambda out: [*_train_args(inputs, out), "--index",  # noqa: E731
-                        str(index_dir / "train.faiss")]
+    args = lambda out: [*_train_args(inputs, out), "--index", str(index_dir)]  # noqa: E731
     res = CliRunner().invoke(app, args(one))
     assert res.exit_code == 0, res.output
     run_ranks(_invoke, args(two))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import (REPO, STAGES, hashes, run, small_params, subprocess_env, temp_leftovers,
-                      write_params)
+from conftest import (ARTIFACTS, FOLDERS, REPO, STAGES, hashes, run, small_params,
+                      subprocess_env, temp_leftovers, write_params)
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 # `validate` depends on the whole params.yaml and reruns on any edit of it; it writes
@@ -34,7 +34,7 @@ DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 DVC_STAGES = ("validate", *STAGES)
 
 # Which stage reads each params.yaml leaf: the spec a params change is checked against.
-OWNER = {"data": "prepare", "embed": "embed", "index.factory": "index",
+OWNER = {"data": "prepare", "embed": "embed", "index.factory": "index", "index.spaces": "index",
          "index.search_params": "retrieve", "noise": "noise", "retrieve": "retrieve",
          "train": "train", "evaluate": "evaluate", "report": "report"}
 
@@ -62,7 +62,14 @@ def stage_outputs(stage: str) -> list[str]:
     return [p for kind in ("outs", "metrics", "plots") for p in _declared(spec.get(kind, []))]
 
 
-ALL_OUTPUTS = [p for s in STAGES for p in stage_outputs(s)]
+def output_files(path: str) -> list[str]:
+    """A declared output as files: a folder output (data/index) is the files in it."""
+    if path not in FOLDERS.values():
+        return [path]
+    return [f for f in ARTIFACTS.values() if f.startswith(path + "/")]
+
+
+ALL_OUTPUTS = [f for s in STAGES for p in stage_outputs(s) for f in output_files(p)]
 
 
 def upstream(stage: str) -> set[str]:

@@ -10,7 +10,8 @@ import pytest
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import (apply_search_params, build_index, load_index, normalized,
                             save_index, search)
-from pipeline.retrieval import (BASELINE_MARGIN, candidate_labels, choose_k, knn_vote,
+from pipeline.retrieval import (BASELINE_MARGIN, candidate_labels, choose_k, choose_space,
+                                knn_vote,
                                 label_distribution, neighbours_excluding_self,
                                 own_label_agreement, retry_k, search_rows, vote_hits_by_k)
 
@@ -82,6 +83,65 @@ def test_build_index_in_place_normalises_the_callers_array():
     np.testing.assert_array_equal(search(in_place, q, 5)[1], search(copy_index, q, 5)[1])
     with pytest.raises(TypeError):
         build_index(x.astype(np.float64), ids, factory="Flat", in_place=True)
+
+
+def anisotropic_vectors(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 8) float32 with an offset and very unequal coordinate scales: raw, centred and
+    standardised cosine rank neighbours differently."""
+    scale = np.array([40.0, 0.5, 1.0, 2.0, 0.1, 1.0, 3.0, 0.3], dtype=np.float32)
+    return (random_vectors(n, 8, seed) * scale + 5.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("space", ["center", "standardize"])
+def test_space_index_searches_raw_queries_in_its_space(space):
+    x = anisotropic_vectors(200)
+    ids = np.arange(200, dtype=np.int64) + 500
+    q = anisotropic_vectors(25, seed=9)
+    mean = x.mean(axis=0)
+    # center: one pooled scale, which cosine ignores; standardize: per coordinate.
+    std = x.std(axis=0) if space == "standardize" else np.float32(1.0)
+    index = build_index(x, ids, factory="Flat", space=space)
+    sims, got = search(index, q, 6)
+    np.testing.assert_array_equal(got, ids[brute_force((x - mean) / std, (q - mean) / std, 6)])
+    assert np.abs(sims).max() <= 1.0 + 1e-5  # cosine in that space
+    # the raw space ranks these differently: the transform is really applied
+    assert (search(build_index(x, ids, factory="Flat"), q, 6)[1] != got).any()
+    # in place: the same index, and the caller's rows are left transformed
+    buf = x.copy()
+    np.testing.assert_array_equal(
+        search(build_index(buf, ids, factory="Flat", space=space, in_place=True), q, 6)[1],
+        got)
+    assert not np.allclose(buf, x)
+
+
+def test_space_index_survives_save_load_and_search_params(tmp_path):
+    x = anisotropic_vectors(400)
+    ids = np.arange(400, dtype=np.int64)
+    q = anisotropic_vectors(20, seed=4)
+    z = (x - x.mean(axis=0)) / x.std(axis=0)
+    index = build_index(x, ids, factory="IVF4,Flat", space="standardize")
+    save_index(index, tmp_path / "standardize.faiss")
+    loaded = load_index(tmp_path / "standardize.faiss")
+    apply_search_params(loaded, "nprobe=4")  # reaches the IVF inside the pre-transform
+    _, got = search(loaded, q, 5)
+    np.testing.assert_array_equal(got, ids[brute_force(z, (q - x.mean(axis=0))
+                                                       / x.std(axis=0), 5)])
+
+
+def test_unknown_space_is_config_error():
+    with pytest.raises(ConfigError, match="index.spaces"):
+        build_index(random_vectors(10, 4), np.arange(10), factory="Flat", space="whiten")
+
+
+def test_choose_space_takes_another_space_only_when_clearly_better():
+    spaces = ("raw", "center", "standardize")
+    assert choose_space(spaces, [0.80, 0.90, 0.85]) == "center"
+    assert choose_space(spaces, [0.80, 0.84, 0.85]) == "standardize"
+    # within the margin of the first listed space: keep it
+    assert choose_space(spaces, [0.80, 0.80 + BASELINE_MARGIN, 0.79]) == "raw"
+    assert choose_space(spaces, [0.80, 0.80 + 2 * BASELINE_MARGIN, 0.79]) == "center"
+    assert choose_space(("standardize", "raw"), [0.7, 0.9]) == "raw"
+    assert choose_space(("raw",), [0.3]) == "raw"
 
 
 def test_dimension_mismatch_is_artifact_error():

@@ -155,7 +155,8 @@ def build_space(name: str, root: Path) -> Path:
     and index. Spaces derived from digits64 build it first."""
     folder = root / space_version(name) / name
     if (folder / "index/index.json").exists():
-        if "spaces" not in json.loads((folder / "index/index.json").read_text()):
+        if not isinstance(json.loads((folder / "index/index.json").read_text()).get("spaces"),
+                          list):
             _index(folder)  # built before the index held one file per retrieval space
         return folder
     folder.mkdir(parents=True, exist_ok=True)

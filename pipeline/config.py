@@ -101,7 +101,7 @@ coordinates drown the rest (bench/README.md, "retrieval space")."""
 class IndexConfig:
     """FAISS indexes over the train split: an `index_factory` string (inner product on
     L2-normalised vectors), optional search-time parameters such as "efSearch=128", and
-    the retrieval spaces to index (comma-separated, of `pipeline.index.SPACES`): retrieve
+    the retrieval spaces to index (comma-separated, of `SPACES`): retrieve
     searches the one whose validation vote is best (`pipeline.retrieval.choose_space`)."""
 
     factory: str = "Flat"

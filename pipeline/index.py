@@ -112,7 +112,8 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
 
 
 def read_index_info(folder: str | Path) -> dict:
-    """<folder>/index.json (factory, dim, vectors, spaces: {space: {file, fingerprint}},
+    """<folder>/index.json (factory, dim, vectors, spaces: [{space, file, fingerprint}] in
+    `index.spaces` order (a list: JSON objects are written with sorted keys),
     fingerprint over all spaces, built_from), checked to be this layout."""
     from pipeline.artifacts import read_json
     from pipeline.lineage import FINGERPRINT
@@ -121,10 +122,15 @@ def read_index_info(folder: str | Path) -> dict:
     if not path.exists():
         raise ArtifactError(f"missing FAISS index info: {path} (run `lra index` first)")
     info = read_json(path, "FAISS index info", "lra index")
-    if not info.get(FINGERPRINT) or not isinstance(info.get("spaces"), dict):
+    if not info.get(FINGERPRINT) or not isinstance(info.get("spaces"), list):
         raise ArtifactError(f"{path} records no fingerprinted spaces (written by an older "
                             "version); rerun `lra index`")
     return info
+
+
+def index_spaces(info: dict) -> tuple[str, ...]:
+    """The indexed spaces in `index.spaces` order (the first is preferred on a tie)."""
+    return tuple(entry["space"] for entry in info["spaces"])
 
 
 def load_index_with_info(folder: str | Path, space: str) -> tuple[faiss.Index, dict]:
@@ -137,13 +143,14 @@ def load_index_with_info(folder: str | Path, space: str) -> tuple[faiss.Index, d
     from pipeline.lineage import FINGERPRINT, file_fingerprint
 
     info = read_index_info(folder)
-    if space not in info["spaces"]:
+    record = {entry["space"]: entry for entry in info["spaces"]}.get(space)
+    if record is None:
         raise ArtifactError(f"the index in {folder} has no {space!r} space (it has "
-                            f"{', '.join(info['spaces'])}); rerun `lra index`")
+                            f"{', '.join(index_spaces(info))}); rerun `lra index`")
     path = index_file(folder, space)
     if not path.exists():
         raise ArtifactError(f"missing FAISS index: {path} (run `lra index` first)")
-    if file_fingerprint(path) != info["spaces"][space][FINGERPRINT]:
+    if file_fingerprint(path) != record[FINGERPRINT]:
         raise damaged(path, "FAISS index", "lra index",
                       f"its bytes do not match the fingerprint in {Path(folder) / 'index.json'}")
     index = load_index(path)

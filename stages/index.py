@@ -31,7 +31,7 @@ def index(params: ParamsOption = Path("params.yaml"),
         spaces = p.index.space_names
         last = spaces[-1]
         with StageWriter() as out:
-            files = {}
+            files = []
             for space in spaces:
                 # The last space transforms the rows in place: the peak is the rows, one
                 # transformed copy and the indexes.
@@ -39,16 +39,16 @@ def index(params: ParamsOption = Path("params.yaml"),
                                   space=space, in_place=space == last, progress=progress)
                 path = out.path(index_file(out_dir, space))
                 save_index(idx, path)
-                files[space] = {"file": index_file(out_dir, space).name,
-                                FINGERPRINT: file_fingerprint(path)}
+                files.append({"space": space, "file": index_file(out_dir, space).name,
+                              FINGERPRINT: file_fingerprint(path)})
                 del idx
             # Files of spaces no longer listed are left out of index.json, so never read.
             write_json({"factory": p.index.factory, "metric": "inner_product_l2_normalised",
                         "dim": emb.dim, "vectors": len(train),
                         "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model"),
                         "spaces": files,
-                        FINGERPRINT: fingerprint_of(*(f[FINGERPRINT] for f in files.values())),
+                        FINGERPRINT: fingerprint_of(*(f[FINGERPRINT] for f in files)),
                         BUILT_FROM: built_from},
                        out.path(out_dir / "index.json"))
-        for stale in set(out_dir.glob("*.faiss")) - {out_dir / f["file"] for f in files.values()}:
+        for stale in set(out_dir.glob("*.faiss")) - {out_dir / f["file"] for f in files}:
             stale.unlink()  # a space dropped from index.spaces, or the old train.faiss

@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 from pipeline import lineage
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.index import (apply_search_params, index_ref, load_index_with_info,
-                            read_index_info)
+from pipeline.index import (apply_search_params, index_ref, index_spaces,
+                            load_index_with_info, read_index_info)
 from pipeline.config import Params
 from pipeline.retrieval import (candidate_labels, choose_k, choose_space, label_distribution,
                                 neighbours_excluding_self, own_label_agreement,
@@ -51,7 +51,7 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
             # A stale index is a mismatched artifact (exit 1), not a params error.
             raise ArtifactError(f"index at {index} holds {info['vectors']} vectors but the "
                                 f"train split has {n_train}; rerun `lra index`")
-        spaces = tuple(info["spaces"])
+        spaces = index_spaces(info)
         selection = _vote_on_validation(index, spaces, emb, lab, p, n_train=n_train,
                                         required=p.retrieve.auto, progress=progress)
         space = selection["space"] if selection else spaces[0]

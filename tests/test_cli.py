@@ -32,6 +32,7 @@ from conftest import (
 )
 
 from pipeline.config import ENCODERS, NOISE_KINDS, SOURCES
+from pipeline.retrieval import BASELINE_MARGIN
 
 STAGE_OUTS = {
     "prepare": ("samples", "rejects", "summary"),
@@ -354,6 +355,30 @@ def test_retrieve_k_auto_keeps_the_best_validation_vote(run_copy, tmp_path):
     assert table.k == best and table.meta["k_chosen_on_validation"] is True
     assert table.meta["space"] == space
     assert table.candidates.shape[1] == best + 1
+
+
+def test_index_spaces_keep_their_order_and_the_first_wins_a_tie(run_copy, tmp_path):
+    """index.json lists the spaces in index.spaces order (a JSON object would be sorted),
+    a dropped space's file goes, and retrieve prefers the first listed space: with the
+    same space listed first and alone, it searches that space."""
+    params = bad_params(run_copy, tmp_path, index={"spaces": "standardize,raw"})
+    for stage_name in ("index", "retrieve"):
+        result = invoke(stage_args(stage_name, run_copy.root, params))
+        assert result.exit_code == 0, result.stderr
+    info = json.loads(run_copy.path("index_json").read_text())
+    assert [entry["space"] for entry in info["spaces"]] == ["standardize", "raw"]
+    assert not run_copy.path("index_center").exists()
+    selection = json.loads(run_copy.path("retrieval_json").read_text())["k_selection"]
+    votes = {name: max(v) for name, v in selection["vote_by_space"].items()}
+    assert selection["space"] == ("raw" if votes["raw"] > votes["standardize"]
+                                  + BASELINE_MARGIN else "standardize")
+    params = bad_params(run_copy, tmp_path, index={"spaces": "raw"})
+    for stage_name in ("index", "retrieve"):
+        result = invoke(stage_args(stage_name, run_copy.root, params))
+        assert result.exit_code == 0, result.stderr
+    selection = json.loads(run_copy.path("retrieval_json").read_text())["k_selection"]
+    assert selection["space"] == "raw" and list(selection["vote_by_space"]) == ["raw"]
+    assert not run_copy.path("index_standardize").exists()
 
 
 def test_train_retries_at_the_k_whose_vote_beats_the_model(run_copy, tmp_path):

@@ -52,15 +52,19 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
             raise ArtifactError(f"index at {index} holds {info['vectors']} vectors but the "
                                 f"train split has {n_train}; rerun `lra index`")
         spaces = index_spaces(info)
-        selection = _vote_on_validation(index, spaces, emb, lab, p, n_train=n_train,
-                                        required=p.retrieve.auto, progress=progress)
+        selection, searched = _vote_on_validation(index, spaces, emb, lab, p,
+                                                  n_train=n_train, required=p.retrieve.auto,
+                                                  progress=progress)
         space = selection["space"] if selection else spaces[0]
         if selection and len(spaces) > 1:
             log.info("retrieval space: %s (best validation vote %s)", space, ", ".join(
                 f"{name} {max(votes):.3f}" for name, votes in
                 selection["vote_by_space"].items()))
-        idx, _ = load_index_with_info(index, space)
-        apply_search_params(idx, p.index.search_params)
+        # The vote's last index is kept: it is the chosen one unless another space won.
+        idx = searched.get(space)
+        if idx is None:
+            idx, _ = load_index_with_info(index, space)
+            apply_search_params(idx, p.index.search_params)
         if p.retrieve.auto:
             k = choose_k(tuple(selection["choices"]), selection["validation_vote_accuracy"])
             log.info("retrieve.k auto: k = %d (neighbour vote on %d validation rows: %s)", k,
@@ -121,20 +125,24 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
 
 
 def _vote_on_validation(folder: Path, spaces: tuple[str, ...], emb, lab, p: Params, *,
-                        n_train: int, required: bool, progress: bool) -> dict | None:
+                        n_train: int, required: bool, progress: bool
+                        ) -> tuple[dict | None, dict]:
     """In each indexed space, search the validation rows' max(k_choices) neighbours once
     and score the neighbour vote (evaluate's kNN vote) over the first k of them, for each
     k of `k_choices`; the space with the best vote is searched (`choose_space`).
     retrieve.k = auto keeps that space's best k; with an integer k, train retries at it
-    when its vote beats the model (`pipeline.retrieval.retry_k`). Returns the record for
-    retrieval.json and the table's metadata, or None when there is nothing to vote on
-    (no validation rows or no usable choice), which is an error only when `required`."""
+    when its vote beats the model (`pipeline.retrieval.retry_k`).
+
+    Returns the record for retrieval.json and the table's metadata, or None when there is
+    nothing to vote on (no validation rows or no usable choice), which is an error only
+    when `required`; and {space: index} for the one index still loaded (the first listed
+    space, searched last because it is the usual choice), or {}."""
     cfg = p.retrieve
     choices = tuple(c for c in cfg.candidate_ks if c < n_train)
     val = np.flatnonzero(emb.split == "val")
     if not choices or len(val) == 0:
         if not required:
-            return None
+            return None, {}
         if not choices:
             raise ConfigError(f"retrieve.k_choices: every choice in {cfg.k_choices!r} must "
                               f"be smaller than the train split ({n_train} samples)")
@@ -144,7 +152,7 @@ def _vote_on_validation(folder: Path, spaces: tuple[str, ...], emb, lab, p: Para
     votes = {}
     with tqdm(total=len(val) * len(spaces), unit="row", desc="validation vote",
               disable=not progress, dynamic_ncols=True) as bar:
-        for space in spaces:  # one index in memory at a time
+        for space in reversed(spaces):  # one index in memory at a time
             idx, _ = load_index_with_info(folder, space)
             apply_search_params(idx, p.index.search_params)
             ids, sims = neighbours_excluding_self(idx, queries, emb.sample_id[val],
@@ -152,11 +160,13 @@ def _vote_on_validation(folder: Path, spaces: tuple[str, ...], emb, lab, p: Para
             hits = vote_hits_by_k(lab.observed[ids], sims, truth, choices, lab.num_classes)
             votes[space] = [round(float(h) / len(val), 6) for h in hits]
             bar.update(len(val))
+    votes = {space: votes[space] for space in spaces}  # back in the listed order
     space = choose_space(spaces, [max(v) for v in votes.values()])
     # No rule text here: retrieval.json is a DVC metrics file, and `dvc exp show` would
     # give a string its own column (the rules are in RetrieveConfig's docstring).
-    return {"validation_rows": len(val), "choices": list(choices), "space": space,
-            "validation_vote_accuracy": votes[space], "vote_by_space": votes}
+    return ({"validation_rows": len(val), "choices": list(choices), "space": space,
+             "validation_vote_accuracy": votes[space], "vote_by_space": votes},
+            {spaces[0]: idx})
 
 
 def _votes(selection: dict) -> str:

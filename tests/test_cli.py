@@ -333,10 +333,11 @@ def test_retrieve_k_auto_keeps_the_best_validation_vote(run_copy, tmp_path):
     assert "retrieve.k auto: k = " in result.stderr
     emb, lab = read_embeddings(run_copy.path("embeddings")), read_labels(run_copy.path("labels"))
     val = np.flatnonzero(emb.split == "val")
-    accuracy = {}
+    accuracy, neighbours = {}, {}
     for space in spaces:
         sims, ids = search(load_index(index_file(run_copy.path("index"), space)),
                            emb.vectors[val], 30)
+        neighbours[space] = ids
         accuracy[space] = [float((knn_vote(lab.observed[ids[:, :k]], sims[:, :k],
                                            lab.num_classes) == lab.observed[val]).mean())
                            for k in choices]
@@ -355,6 +356,8 @@ def test_retrieve_k_auto_keeps_the_best_validation_vote(run_copy, tmp_path):
     assert table.k == best and table.meta["k_chosen_on_validation"] is True
     assert table.meta["space"] == space
     assert table.candidates.shape[1] == best + 1
+    # The main pass searched the chosen space's index (not the vote's last one).
+    np.testing.assert_array_equal(table.neighbour_ids[val], neighbours[space][:, :best])
 
 
 def test_index_spaces_keep_their_order_and_the_first_wins_a_tie(run_copy, tmp_path):

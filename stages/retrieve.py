@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -52,7 +53,7 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
             raise ArtifactError(f"index at {index} holds {info['vectors']} vectors but the "
                                 f"train split has {n_train}; rerun `lra index`")
         spaces = index_spaces(info)
-        selection, searched = _vote_on_validation(index, spaces, emb, lab, p,
+        selection, first_index = _vote_on_validation(index, spaces, emb, lab, p,
                                                   n_train=n_train, required=p.retrieve.auto,
                                                   progress=progress)
         space = selection["space"] if selection else spaces[0]
@@ -60,8 +61,7 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
             log.info("retrieval space: %s (best validation vote %s)", space, ", ".join(
                 f"{name} {max(votes):.3f}" for name, votes in
                 selection["vote_by_space"].items()))
-        # The vote's last index is kept: it is the chosen one unless another space won.
-        idx = searched.get(space)
+        idx = first_index if space == spaces[0] else None  # the vote's last index
         if idx is None:
             idx, _ = load_index_with_info(index, space)
             apply_search_params(idx, p.index.search_params)
@@ -126,7 +126,7 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
 
 def _vote_on_validation(folder: Path, spaces: tuple[str, ...], emb, lab, p: Params, *,
                         n_train: int, required: bool, progress: bool
-                        ) -> tuple[dict | None, dict]:
+                        ) -> tuple[dict | None, faiss.Index | None]:
     """In each indexed space, search the validation rows' max(k_choices) neighbours once
     and score the neighbour vote (evaluate's kNN vote) over the first k of them, for each
     k of `k_choices`; the space with the best vote is searched (`choose_space`).
@@ -135,14 +135,14 @@ def _vote_on_validation(folder: Path, spaces: tuple[str, ...], emb, lab, p: Para
 
     Returns the record for retrieval.json and the table's metadata, or None when there is
     nothing to vote on (no validation rows or no usable choice), which is an error only
-    when `required`; and {space: index} for the one index still loaded (the first listed
-    space, searched last because it is the usual choice), or {}."""
+    when `required`; and the first listed space's index, still loaded (it is searched
+    last because it is the usual choice), or None."""
     cfg = p.retrieve
     choices = tuple(c for c in cfg.candidate_ks if c < n_train)
     val = np.flatnonzero(emb.split == "val")
     if not choices or len(val) == 0:
         if not required:
-            return None, {}
+            return None, None
         if not choices:
             raise ConfigError(f"retrieve.k_choices: every choice in {cfg.k_choices!r} must "
                               f"be smaller than the train split ({n_train} samples)")
@@ -166,7 +166,7 @@ def _vote_on_validation(folder: Path, spaces: tuple[str, ...], emb, lab, p: Para
     # give a string its own column (the rules are in RetrieveConfig's docstring).
     return ({"validation_rows": len(val), "choices": list(choices), "space": space,
              "validation_vote_accuracy": votes[space], "vote_by_space": votes},
-            {spaces[0]: idx})
+            idx)
 
 
 def _votes(selection: dict) -> str:

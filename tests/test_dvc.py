@@ -229,6 +229,31 @@ def test_every_params_leaf_is_tracked_by_its_reader_only():
             assert "." in key, f"{stage} tracks a whole section: {key}"
 
 
+def test_committed_lock_matches_the_committed_code_and_params():
+    """dvc.lock records the md5 of every source file and the value of every param the
+    last `dvc repro` used. A code or params edit committed without rerunning the
+    pipeline leaves it stale: a fresh clone's `dvc status` then reports changed stages,
+    and the committed metrics no longer come from the committed code."""
+    import hashlib
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    produced = {path for other in STAGES for path in stage_outputs(other)}
+    flat = dict(leaves(yaml.safe_load((REPO / "params.yaml").read_text())))
+    stale = []
+    for stage in DVC_STAGES:
+        for dep in lock[stage]["deps"]:
+            path = REPO / dep["path"]
+            if dep["path"] in produced or not path.is_file():
+                continue  # an upstream output (absent from a clone), or a folder
+            if hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:
+                stale.append(f"{stage}: {dep['path']} changed since the locked run")
+        for key, value in lock[stage].get("params", {}).get("params.yaml", {}).items():
+            if flat.get(key, "<absent>") != value:
+                stale.append(f"{stage}: {key} = {flat.get(key, '<absent>')!r}, "
+                             f"locked {value!r}")
+    assert not stale, "rerun `uv run dvc repro` and commit dvc.lock:\n" + "\n".join(stale)
+
+
 # --------------------------------------------------------------------------- dvc repro
 def test_repro_runs_every_stage_once_after_its_upstream(repo):
     ran = running(repo.first_repro)

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline.reading import (READ_ERRORS, check_intact, damaged, iter_chunks,  # noqa: F401
                               iter_row_groups, read_json, read_metadata, read_schema,
                               read_table, reading, require)
@@ -49,6 +49,19 @@ def row_group_rows(bytes_per_row: int) -> int:
 
 
 # --------------------------------------------------------------------------- atomic files
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written: an existing
+    folder, or one below an existing file. ConfigError naming the option."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {str(path)!r} is a folder; give a file name in it")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {str(path)!r}: {str(parent)!r} is a file, "
+                                  "not a folder")
+            break
+
+
 def _file_mode() -> int:
     """The mode a plain open() would give a new file (0o666 less the umask)."""
     mask = os.umask(0)

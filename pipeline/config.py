@@ -328,8 +328,9 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
             return str(value)
         if kind is bool and isinstance(value, bool):
             return value
-    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
-    raise ConfigError(f"{section}.{key}: {value!r} is not a {names}")
+    names = [getattr(k, "__name__", str(k)) for k in allowed]
+    expected = " or ".join(f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in names)
+    raise ConfigError(f"{section}.{key}: {value!r} is not {expected}")
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:
@@ -338,7 +339,7 @@ def _section(name: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(map(str, set(raw) - set(known)))
     if unknown:
         raise ConfigError(f"{name}: unknown key(s) {', '.join(unknown)}; "
                           f"valid: {', '.join(known)}")
@@ -351,7 +352,7 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError("params: the file must hold a mapping of sections")
     sections = {f.name: f for f in fields(Params)}
-    unknown = sorted(set(raw) - set(sections))
+    unknown = sorted(map(str, set(raw) - set(sections)))
     if unknown:
         raise ConfigError(f"params: unknown section(s) {', '.join(unknown)}; "
                           f"valid: {', '.join(sections)}")
@@ -384,7 +385,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        raw = read_yaml(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"params file {path} is not UTF-8 text (byte {exc.start}); "
+                          "save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"params file {path} cannot be read: {exc.strerror}") from None
+    try:
+        raw = read_yaml(text)
     except yaml.YAMLError as exc:  # one line: where, and what (str(exc) quotes the source)
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts import read_table, write_table_or_csv
+from pipeline.artifacts import (check_output_file, read_table, reading, require,
+                                write_table_or_csv)
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.tables import UNKNOWN, Labels, Prepared
 
@@ -65,9 +66,9 @@ class Decisions:
     source: str
 
 
-def default_issues() -> Path:
-    """The report's label-issue table when present, else evaluate's predictions."""
-    return REPORT_ISSUES if REPORT_ISSUES.is_file() else PREDICTIONS
+def default_issues(predictions: Path = PREDICTIONS) -> Path:
+    """The report's label-issue table when present, else evaluate's `predictions`."""
+    return REPORT_ISSUES if REPORT_ISSUES.is_file() else predictions
 
 
 def _by_sample(table: pa.Table, column: str, sample_id: np.ndarray, fill: int | bool,
@@ -86,16 +87,35 @@ def _by_sample(table: pa.Table, column: str, sample_id: np.ndarray, fill: int | 
     return out
 
 
+def _read_issues(path: Path) -> pa.Table:
+    """The issues table: Parquet, or CSV by the suffix (a table the user edited or made
+    with another tool, in the label_issues columns)."""
+    if Path(path).suffix.lower() != ".csv":
+        return read_table(path, "issues table")[0]
+    import pyarrow.csv as pacsv
+
+    with reading(require(path, "issues table"), "issues table", "the tool that wrote it"):
+        return pacsv.read_csv(path)
+
+
 def read_decisions(issues: Path, labels: Labels, *, predictions: Path = PREDICTIONS
                    ) -> Decisions:
     """Which train labels the model disputes, and what it suggests instead."""
-    table, _ = read_table(issues, "issues table")
+    table = _read_issues(issues)
     names = table.column_names
     train = labels.split == "train"
     if "sample_id" not in names:
         raise ArtifactError(f"issues table {issues} lacks a sample_id column")
     if "is_label_issue" in names:
         flagged = _by_sample(table, "is_label_issue", labels.sample_id, False, bool)
+        if "given_label" in names:  # a table of another run's labels must not be applied
+            given = _by_sample(table, "given_label", labels.sample_id, UNKNOWN, np.int64)
+            listed = given != UNKNOWN
+            if not np.array_equal(given[listed], labels.observed[listed]):
+                raise ArtifactError(
+                    f"{issues}: `given_label` differs from the labels table's observed_label "
+                    f"in {int((given[listed] != labels.observed[listed]).sum())} row(s): it "
+                    "was made from other labels; rerun `uv run dvc repro` (or pass --labels)")
         if "predicted_label" in names:
             suggested = _by_sample(table, "predicted_label", labels.sample_id, UNKNOWN,
                                    np.int64)
@@ -208,6 +228,7 @@ def check_out(out: Path) -> None:
     if out.suffix.lower() not in SUFFIXES:
         raise ConfigError(f"--out {str(out)!r}: a manifest ends in {', '.join(SUFFIXES)} "
                           "(the suffix picks CSV or Parquet)")
+    check_output_file(out, "--out")
 
 
 def write_manifest(table: pa.Table, out: Path, *, metadata: dict) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts import write_table_or_csv
+from pipeline.artifacts import check_output_file, write_table_or_csv
 from pipeline.config import ENCODERS, EmbedConfig
 from pipeline.encoders import Encoder, RuntimeOptions, build_encoder, iter_encode
 from pipeline.errors import ArtifactError, ConfigError
@@ -155,13 +155,12 @@ def check_model_matches(provenance: dict[str, Any], dim: int, ckpt: dict[str, An
 def class_names(num_classes: int, *candidates: Path) -> list[str]:
     """class_names from the first of the tables (labels, predictions) that has them for
     `num_classes` classes; "0".."C-1" if none does."""
-    import pyarrow.parquet as pq
-
-    from pipeline.artifacts import read_metadata
+    from pipeline.artifacts import read_metadata, read_schema
 
     for path in candidates:
         if Path(path).is_file():
-            names = read_metadata(pq.read_schema(path)).get("class_names")
+            schema = read_schema(path, f"{path} (read for the class names)", "uv run dvc repro")
+            names = read_metadata(schema).get("class_names")
             if isinstance(names, list) and len(names) == num_classes:
                 return [str(n) for n in names]
     log.warning("no class names found in %s: using class ids as names",
@@ -206,6 +205,7 @@ def check_out_suffix(out: Path) -> None:
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise ConfigError(f"--out {str(out)!r}: the suffix picks the format; use one of "
                           f"{', '.join(OUT_SUFFIXES)}")
+    check_output_file(out, "--out")
 
 
 def write_predictions(table: pa.Table, out: Path, *, metadata: dict[str, Any]) -> None:

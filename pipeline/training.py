@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from pipeline import distributed
 from pipeline.config import TrainConfig
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline.diffusion import (alphas_cumprod, antithetic_timesteps, cosine_betas,
                                 ddim_timesteps, q_sample, readout)
 from pipeline.inference import predict_scores
@@ -182,7 +183,7 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True,
     device = data.features.device
     n, dim = data.features.shape
     if n < 2:
-        raise ValueError(f"need at least 2 training samples, got {n}")
+        raise ArtifactError(f"need at least 2 training samples, got {n}")
     ctx = distributed.current()
     if ddp is None:
         ddp = ctx.enabled
@@ -218,10 +219,11 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True,
     rules = ("nearest_one", "argmax") if cfg.readout == "auto" else (cfg.readout,)
     n_batches = max(1, math.ceil(n / cfg.batch_size))
     if n // n_batches < 2:
-        raise ValueError("batches of fewer than 2 samples: lower train.batch_size")
+        raise ConfigError(f"train.batch_size: {cfg.batch_size} splits the {n} train rows "
+                          "into batches of fewer than 2 samples (BatchNorm needs 2); raise it")
     if ddp and n // n_batches < ctx.world_size:
-        raise ValueError(f"batches of {n // n_batches} samples cannot be split over "
-                         f"{ctx.world_size} processes: raise train.batch_size or use fewer")
+        raise ConfigError(f"train.batch_size: batches of {n // n_batches} samples cannot be "
+                          f"split over {ctx.world_size} processes; raise it or use fewer")
 
     best = {"epoch": -1, "weights": "raw", "readout": rules[0], "val_accuracy": -1.0}
     best_state: dict[str, torch.Tensor] = {}

@@ -173,6 +173,12 @@ def stage(name: str, params_path: Path | None = None) -> Iterator[Params | None]
     except LraError as exc:
         typer.echo(f"lra {name}: error: {_one_line(exc)}", err=True)
         raise typer.Exit(1) from None
+    except OSError as exc:  # the file system refused: a full disk, a permission, a folder
+        logging.getLogger(__name__).debug("file system error", exc_info=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        typer.echo(f"lra {name}: error: {exc.strerror or exc}{where} (nothing was "
+                   "published; LRA_LOG_LEVEL=DEBUG shows where)", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"lra {name}: interrupted; no output was published", err=True)
         raise typer.Exit(130) from None

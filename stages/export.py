@@ -30,7 +30,8 @@ def export(policy: Annotated[str, typer.Option(
                              "cifar10, cifar100) the images are written as PNG files to "
                              "<stem>_images/ beside it, so the manifest is usable.")],
            issues: Annotated[Path | None, typer.Option(
-               "--issues", help="Which labels are disputed: a table with sample_id and "
+               "--issues", help="Which labels are disputed: a table (Parquet, or CSV by the "
+                                "suffix) with sample_id and "
                                 "is_label_issue [+ predicted_label], or evaluate's "
                                 "predictions (predicted != observed). Default: "
                                 "data/report/label_issues.parquet when present, else "
@@ -49,7 +50,7 @@ def export(policy: Annotated[str, typer.Option(
         lab = read_labels(labels)
         check_same_samples(prep.table.column("sample_id").to_numpy(), lab.sample_id,
                            "prepared table", "labels")
-        source = issues if issues is not None else default_issues()
+        source = issues if issues is not None else default_issues(predictions)
         decisions = read_decisions(source, lab, predictions=predictions)
         rows, label = apply_policy(policy, lab, decisions)
         paths = image_paths(prep, rows, out)

@@ -77,6 +77,19 @@ def test_unknown_key_lists_valid_keys():
         assert f.name in msg
 
 
+def test_non_string_keys_are_named_not_a_traceback():
+    """YAML reads `1: 2` as an int key; the message sorted and joined the names as str."""
+    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) 1, epoch"):
+        params_from_dict({"train": {1: 2, "epoch": 3}})
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) 5"):
+        params_from_dict({5: "x"})
+
+
+def test_wrong_type_message_reads_as_english():
+    with pytest.raises(ConfigError, match="train.epochs: True is not an int"):
+        params_from_dict({"train": {"epochs": True}})
+
+
 def test_section_must_be_mapping():
     with pytest.raises(ConfigError, match="retrieve"):
         params_from_dict({"retrieve": [1, 2]})
@@ -251,6 +264,28 @@ def test_cli_empty_params_file_is_a_usage_error(tmp_path):
     assert result.exit_code == 2, result.output
     assert_one_line_error(result.stderr, "prepare", "is empty")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_params_file_that_is_not_text_or_not_a_file(tmp_path):
+    from conftest import assert_one_line_error, invoke
+
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("data:\n  root: /donn\xe9es\n".encode("latin-1"))
+    result = invoke(["prepare", "--params", latin, "--out-dir", tmp_path / "out"])
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result.stderr, "prepare", "is not UTF-8 text", "save it as UTF-8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_file_system_refusal_is_one_line(tmp_path):
+    """An output folder below a file: the OS refuses the mkdir; one line, exit 1."""
+    from conftest import assert_one_line_error, invoke
+
+    (tmp_path / "file").write_text("")
+    result = invoke(["validate", "--params", REPO / "params.yaml",
+                     "--out-dir", tmp_path / "file/out"])
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, "validate", "file/out", "nothing was published")
 
 
 def test_load_params_missing_and_invalid(tmp_path):

@@ -17,6 +17,7 @@ from pipeline.config import TrainConfig
 from pipeline.diffusion import (alphas_cumprod, cosine_betas, ddim_sample, ddim_timesteps,
                                 readout)
 from pipeline.features import FeatureNormalizer
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline import inference
 from pipeline.inference import predict_scores, start_noise, stochastic_vote
 from pipeline.model import ConditionalLinear, DiffusionClassifier, ModelSpec
@@ -364,11 +365,11 @@ def test_too_few_samples_per_batch():
     data, _, _ = noisy_clusters(2, n=10, n_val=6)
     tiny = TrainData(data.features[:1], data.candidates[:1], data.val_features,
                      data.val_labels, 3)
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ArtifactError, match="at least 2"):
         train_diffusion(tiny, _small_cfg(), progress=False)
     three = TrainData(data.features[:3], data.candidates[:3], data.val_features,
                       data.val_labels, 3)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ConfigError, match="train.batch_size: 2 splits the 3 train rows"):
         train_diffusion(three, _small_cfg(batch_size=2), progress=False)
 
 

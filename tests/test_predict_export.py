@@ -293,6 +293,56 @@ def test_export_of_a_file_source_points_at_its_images_and_feeds_prepare(folder_r
     assert prep["split"].to_list() == table["split"].to_list()
 
 
+def test_export_reads_a_csv_issue_table_and_refuses_one_of_other_labels(pipeline_run,
+                                                                         tmp_path):
+    """An issues table the user edited as CSV is read by its suffix. One whose
+    given_label is not the labels table's observed label was made from another run's
+    labels: applying it would relabel the wrong rows, so it is refused."""
+    train = decisions(pipeline_run.root).filter(pl.col("split") == "train")[:30]
+    flags = [i % 7 == 0 for i in range(len(train))]
+    issues = tmp_path / "issues.csv"
+    pl.DataFrame({"sample_id": train["sample_id"], "given_label": train["observed"],
+                  "is_label_issue": flags, "predicted_label": [5] * len(train)}
+                 ).write_csv(issues)
+    out = tmp_path / "m.csv"
+    export(pipeline_run.root, "relabel", out, "--issues", issues)
+    table = pl.read_csv(out)
+    assert table.filter(pl.col("is_label_issue"))["sample_id"].to_list() == \
+        train.filter(pl.Series(flags))["sample_id"].to_list()
+
+    other = tmp_path / "other.parquet"
+    pl.DataFrame({"sample_id": train["sample_id"],
+                  "given_label": (train["observed"] + 1) % 10,
+                  "is_label_issue": flags, "predicted_label": [5] * len(train)}
+                 ).write_parquet(other)
+    d = pipeline_run.root / "data"
+    result = invoke(["export", "--policy", "relabel", "--out", tmp_path / "x.csv",
+                     "--prepared", d / "prepared/samples.parquet",
+                     "--labels", d / "labels/labels.parquet", "--issues", other])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "export", "given_label", "30 row(s)")
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_any_work(pipeline_run,
+                                                                      tmp_path):
+    d = pipeline_run.root / "data"
+    folder = tmp_path / "taken.csv"
+    folder.mkdir()
+    result = invoke(["export", "--policy", "keep", "--out", folder,
+                     "--prepared", d / "prepared/samples.parquet",
+                     "--labels", d / "labels/labels.parquet"])
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "export", "--out", "is a folder")
+    (tmp_path / "file").write_text("")
+    result = invoke(["predict", "--images", tmp_path, "--out", tmp_path / "file/p.csv",
+                     "--model", d / "model/model.pt",
+                     "--embeddings", d / "embeddings/embeddings.parquet"])
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "predict", "--out", "is a file, not a folder")
+    assert list(folder.iterdir()) == []
+
+
 def test_export_refuses_a_bad_policy_or_suffix(pipeline_run, tmp_path):
     result = invoke(["export", "--policy", "fix", "--out", tmp_path / "m.csv"])
     assert result.exit_code == 2

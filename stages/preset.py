@@ -30,6 +30,8 @@ def list_presets() -> None:
             info = load_preset(name)["reported"]
             reported = info.get("lra_diffusion")
             shown = "n/a" if reported is None else f"{reported:.2f} %"
+            if info.get("lra_diffusion_ilsvrc12") is not None:  # webvision's second test set
+                shown += f" ({info['lra_diffusion_ilsvrc12']:.2f} % on ILSVRC12 val)"
             noise = f" (noise: {info['paper_noise']})" if info.get("paper_noise") else ""
             typer.echo(f"{name:<22} paper LRA-diffusion test accuracy: {shown}{noise}")
 

@@ -148,3 +148,15 @@ def test_preset_list_says_which_noise_the_paper_used():
     assert result.exit_code == 0
     line = next(x for x in result.stdout.splitlines() if x.startswith("cifar10-pmd35 "))
     assert "noise_label/cifar10-1-0.35.npy" in line
+
+
+def test_preset_list_shows_every_preset_with_the_papers_numbers():
+    result = CliRunner().invoke(app, ["preset", "list"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list(preset_names())
+    for name, line in zip(preset_names(), lines):
+        reported = load_preset(name)["reported"].get("lra_diffusion")
+        assert (f"{reported:.2f} %" if reported is not None else "n/a") in line, line
+    webvision = lines[list(preset_names()).index("webvision")]
+    assert "84.16 %" in webvision and "82.56 % on ILSVRC12 val" in webvision

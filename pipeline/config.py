@@ -8,6 +8,7 @@ objects, never raw dicts. Unknown keys, wrong types and out-of-range values rais
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -124,6 +125,9 @@ class IndexConfig:
         return tuple(names)
 
 
+_ASYM_MAP = re.compile(r"pair|cifar10|cifar100|\d+\s*:\s*\d+(\s*,\s*\d+\s*:\s*\d+)*")
+
+
 @dataclass(frozen=True)
 class NoiseConfig:
     """Label noise injected into the train split (val and test stay clean).
@@ -152,6 +156,10 @@ class NoiseConfig:
         _choice("noise", "pmd_type", self.pmd_type, PMD_TYPES)
         _check(self.pmd_factor > 1, "noise", "pmd_factor", self.pmd_factor, "> 1")
         _choice("noise", "hybrid_on_top", self.hybrid_on_top, ("symmetric", "asymmetric"))
+        # The syntax only: the classes are checked against the dataset by the noise stage.
+        if not _ASYM_MAP.fullmatch(self.asym_map.strip()):
+            raise ConfigError(f"noise.asym_map: {self.asym_map!r} is not pair, cifar10, "
+                              "cifar100 or 'src:dst,src:dst' with integer classes")
         if self.kind == "file" and not self.file:
             raise ConfigError("noise.file: noise.kind is 'file' but no file is given")
 
@@ -206,7 +214,7 @@ class TrainConfig:
 
     seed: int = 0
     epochs: int = 200
-    batch_size: int = 200
+    batch_size: int = 32  # params.yaml's digits default; the CIFAR presets set 200-256
     lr: float = 1e-3
     warmup_epochs: int = 5
     feature_dim: int = 512
@@ -218,7 +226,7 @@ class TrainConfig:
     feature_norm: str = "standardize"
     ddim_steps: int = 10
     readout: str = "auto"
-    eval_every: int = 1
+    eval_every: int = 5
     guidance_dim: int = 64
     init: str = "identity"
 
@@ -321,6 +329,8 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{section}.{key}: must not be null")
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .inf / .nan
+                raise ConfigError(f"{section}.{key}: {value!r} is not a finite number")
             return float(value)
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -74,6 +74,8 @@ def list_images(images: str | Path) -> ImageList:
     from pipeline.sources.common import scan_images
 
     images = Path(images)
+    if not images.exists():
+        raise ArtifactError(f"--images {images}: no such folder or manifest file")
     if images.is_dir():
         paths = [p.relative_to(images).as_posix() for p in scan_images(images)]
         if not paths:

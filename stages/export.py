@@ -10,7 +10,7 @@ import typer
 from pipeline.export import (POLICIES, apply_policy, check_out, default_issues, image_paths,
                              manifest_table, read_decisions, write_manifest)
 from pipeline.tables import check_same_samples, read_labels, read_prepared
-from stages.app import app, stage
+from stages.app import LabelsOption, PreparedOption, app, stage
 
 
 def _policy(value: str) -> str:
@@ -36,8 +36,8 @@ def export(policy: Annotated[str, typer.Option(
                                 "predictions (predicted != observed). Default: "
                                 "data/report/label_issues.parquet when present, else "
                                 "data/evaluate/predictions.parquet.")] = None,
-           prepared: Path = Path("data/prepared/samples.parquet"),
-           labels: Path = Path("data/labels/labels.parquet"),
+           prepared: PreparedOption = Path("data/prepared/samples.parquet"),
+           labels: LabelsOption = Path("data/labels/labels.parquet"),
            predictions: Annotated[Path, typer.Option(
                help="Predicted labels for an issues table without predicted_label.")
            ] = Path("data/evaluate/predictions.parquet")) -> None:

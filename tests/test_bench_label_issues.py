@@ -117,7 +117,7 @@ def test_parallel_grid_starts_the_longest_cells_first():
     assert accuracy.longest_first(names) == [
         "synth45k/sym40/0", "synth45k/pair40/0", "rgb3072/sym40/0", "digits64/sym40/0",
         "other/x/0"]
-    assert set(accuracy.CELL_SECONDS) == set(accuracy.SPACES)
+    assert set(accuracy.CELL_SECONDS) == set(accuracy.ALL_SPACES)
 
 
 def test_relabel_round_takes_the_suggestion_only_where_flagged(tmp_path):

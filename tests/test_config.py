@@ -307,6 +307,31 @@ def test_repository_params_file_is_valid():
     assert p.data.source in SOURCES
 
 
+@pytest.mark.parametrize("section,key,value", [
+    ("train", "lr", float("inf")), ("train", "grad_clip", float("nan")),
+    ("noise", "pmd_factor", float("inf")), ("evaluate", "linear_l2", float("inf"))])
+def test_infinite_and_nan_floats_are_refused(section, key, value):
+    with pytest.raises(ConfigError, match=f"{section}.{key}: .* is not a finite number"):
+        params_from_dict({section: {key: value}})
+
+
+@pytest.mark.parametrize("text", ["3:zz", "0:1,", "pairs", "0-1"])
+def test_asym_map_syntax_is_checked_before_any_stage(text):
+    """Even when noise.kind does not use it: `lra validate` fails on the edit, not a
+    later run that switches kind."""
+    with pytest.raises(ConfigError, match="noise.asym_map"):
+        params_from_dict({"noise": {"kind": "symmetric", "asym_map": text}})
+    assert params_from_dict({"noise": {"asym_map": " 0:3 , 2:1"}}).noise.asym_map
+
+
+def test_defaults_are_the_repository_params_file():
+    """A params file that leaves a key out runs with the value params.yaml documents."""
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = as_dict(Params())
+    assert {s: {k: defaults[s][k] for k in keys} for s, keys in written.items()} == written
+    assert all(set(defaults[s]) == set(keys) for s, keys in written.items())
+
+
 def test_as_dict():
     d = as_dict(TrainConfig(epochs=3, warmup_epochs=1))
     assert d["epochs"] == 3 and d["warmup_epochs"] == 1

@@ -341,6 +341,12 @@ def test_an_output_path_that_is_a_folder_is_refused_before_any_work(pipeline_run
     assert result.exit_code == 2
     assert_one_line_error(result.stderr, "predict", "--out", "is a file, not a folder")
     assert list(folder.iterdir()) == []
+    result = invoke(["predict", "--images", tmp_path / "no_such_dir", "--out",
+                     tmp_path / "p.csv", "--model", d / "model/model.pt",
+                     "--embeddings", d / "embeddings/embeddings.parquet"])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "predict", "no_such_dir", "no such folder or manifest")
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_export_refuses_a_bad_policy_or_suffix(pipeline_run, tmp_path):

@@ -611,8 +611,9 @@ def test_crash_mid_write_publishes_nothing(run_copy, monkeypatch):
     clear_outputs(run_copy, "noise")
     monkeypatch.setattr(stages.noise, "write_json", disk_full)
     result = invoke(stage_args("noise", run_copy.root, run_copy.params_path))
-    assert result.exit_code != 0
-    assert isinstance(result.exception, OSError)
+    assert result.exit_code == 1  # one line, not a traceback: the disk, not the code
+    assert_one_line_error(result.stderr, "noise", "No space left on device",
+                          "nothing was published")
     assert_nothing_written(run_copy, "noise")  # labels.parquet was written, not published
 
 

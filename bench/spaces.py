@@ -41,6 +41,8 @@ from bench.synthetic import SyntheticSpec, generate
 SPACE_VERSIONS = {"digits64": "v3", "rgb3072": "v3", "proj768": "v3",
                   "synth10k": "v4", "synth45k": "v4", "synth100c": "v1"}
 SPACES = ("digits64", "rgb3072", "proj768", "synth10k", "synth45k")  # the issue's grid
+SYNTHETIC = {"synth10k": (10_000, 10), "synth45k": (45_000, 10), "synth100c": (20_000, 100)}
+"""The synthetic spaces: (train rows, classes)."""
 EXTRA_SPACES = ("synth100c",)  # run by name (--spaces), outside the default grid
 ALL_SPACES = SPACES + EXTRA_SPACES
 DIGIT_SPACES = ("digits64", "rgb3072", "proj768")
@@ -118,7 +120,7 @@ def clip_like_projection(x: np.ndarray, *, dim: int = 768, seed: int = 1234) -> 
     return np.ascontiguousarray(z, dtype=np.float32)
 
 
-def _synthetic(folder: Path, train_rows: int, classes: int = 10) -> None:
+def _synthetic(folder: Path, train_rows: int, classes: int) -> None:
     """Synthetic embeddings with prepared labels: train / clean val / test = 1 : 0.11 : 0.22
     (45,000 / 5,000 / 10,000 as in CIFAR)."""
     from pipeline.artifacts import write_table
@@ -179,10 +181,8 @@ def build_space(name: str, root: Path) -> Path:
         _copy_prepared_with(folder, base, clip_like_projection(x), {
             "encoder": "digits64 random projection", "model": None, "pretrained": None,
             "normalised": False})
-    elif name in ("synth10k", "synth45k"):
-        _synthetic(folder, 10_000 if name == "synth10k" else 45_000)
-    elif name == "synth100c":
-        _synthetic(folder, 20_000, classes=100)
+    elif name in SYNTHETIC:
+        _synthetic(folder, *SYNTHETIC[name])
     else:
         raise ValueError(f"unknown space {name!r}; valid: {', '.join(ALL_SPACES)}")
     _index(folder)

@@ -125,7 +125,8 @@ class IndexConfig:
         return tuple(names)
 
 
-_ASYM_MAP = re.compile(r"pair|cifar10|cifar100|\d+\s*:\s*\d+(\s*,\s*\d+\s*:\s*\d+)*")
+NAMED_MAPS = ("pair", "cifar10", "cifar100")  # noise.asym_map's named maps (pipeline.noise)
+_ASYM_MAP = re.compile("|".join(NAMED_MAPS) + r"|\d+\s*:\s*\d+(\s*,\s*\d+\s*:\s*\d+)*")
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,9 @@ class NoiseConfig:
         _choice("noise", "hybrid_on_top", self.hybrid_on_top, ("symmetric", "asymmetric"))
         # The syntax only: the classes are checked against the dataset by the noise stage.
         if not _ASYM_MAP.fullmatch(self.asym_map.strip()):
-            raise ConfigError(f"noise.asym_map: {self.asym_map!r} is not pair, cifar10, "
-                              "cifar100 or 'src:dst,src:dst' with integer classes")
+            raise ConfigError(f"noise.asym_map: {self.asym_map!r} is not one of "
+                              f"{', '.join(NAMED_MAPS)} or 'src:dst,src:dst' with integer "
+                              "classes")
         if self.kind == "file" and not self.file:
             raise ConfigError("noise.file: noise.kind is 'file' but no file is given")
 

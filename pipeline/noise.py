@@ -42,13 +42,12 @@ import logging
 
 import numpy as np
 
-from pipeline.config import NoiseConfig
+from pipeline.config import NAMED_MAPS, NoiseConfig
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.noise_files import check_range, read_noise_file
 
 logger = logging.getLogger(__name__)
 
-NAMED_MAPS = ("pair", "cifar10", "cifar100")
 
 # CIFAR-10 class indices: 0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog,
 # 6 frog, 7 horse, 8 ship, 9 truck.

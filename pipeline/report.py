@@ -201,14 +201,22 @@ def _facts(paths: ReportPaths, emb, lab, ckpt: dict, nbh) -> dict[str, Any]:
 
 
 def _retry_note(info: dict) -> str:
-    """How train's retry at another k went, when it ran (stages/train.py)."""
-    retry = info.get("k_retry")
-    if not retry:
-        return ""
-    return (f"; trained at k={retry['first_k']} (validation {retry['first_val_accuracy']:.3f}) "
-            f"and, as the k={retry['retry_k']} neighbour vote scored "
-            f"{retry['vote_val_accuracy']:.3f}, again at k={retry['retry_k']} "
-            f"({retry['retry_val_accuracy']:.3f}): kept k={retry['kept_k']}")
+    """How train's retries went, when they ran (stages/train.py): at the k of a better
+    neighbour vote, then at k = 1 when the noisy linear probe was still ahead."""
+    parts = []
+    for key, rival in (("k_retry", "the k={retry_k} neighbour vote"),
+                       ("probe_retry", "the noisy linear probe")):
+        retry = info.get(key)
+        if not retry:
+            continue
+        if not parts:
+            parts.append(f"trained at k={retry['first_k']} "
+                         f"(validation {retry['first_val_accuracy']:.3f})")
+        rival_score = retry.get("vote_val_accuracy", retry.get("probe_val_accuracy"))
+        parts.append(f"as {rival.format(**retry)} scored {rival_score:.3f}, again at "
+                     f"k={retry['retry_k']} ({retry['retry_val_accuracy']:.3f}): kept "
+                     f"k={retry['kept_k']}")
+    return "; " + " and, ".join(parts) if parts else ""
 
 
 def _source(paths: ReportPaths) -> str:

@@ -15,6 +15,13 @@ BASELINE_MARGIN = 0.005
 """Validation accuracies closer than this (half a point) count as level at validation-set
 sizes: the margin of evaluate's below-baseline guard and of train's retry at another k."""
 
+FALLBACK_K = 1
+"""The k train retries at when the noisy linear probe beats its model on validation: the
+own label and the nearest neighbour's. Where the k-neighbour vote is mostly wrong (100
+classes of 200 train rows each: the k = 10 vote scores 13-28 %), candidates from ten
+neighbours teach the model wrong labels; at k = 1 the same cells score above the probe
+(bench/README, "100 classes")."""
+
 
 def neighbours_excluding_self(index: faiss.Index, queries: np.ndarray,
                               query_ids: np.ndarray, *, k: int
@@ -147,3 +154,12 @@ def retry_k(selection: dict | None, *, trained_k: int, val_accuracy: float,
     if k == trained_k or accuracy.max() <= val_accuracy + margin:
         return None
     return k
+
+
+def falls_back_to_small_k(*, model_val_accuracy: float, probe_val_accuracy: float | None,
+                          trained_k: int, margin: float = BASELINE_MARGIN) -> bool:
+    """Should train retry at FALLBACK_K? When the noisy linear probe's validation accuracy
+    beats the model's by more than `margin` (the gap evaluate's guard warns about) and
+    the model was trained at a larger k. probe_val_accuracy: None when not fitted."""
+    return (probe_val_accuracy is not None and trained_k > FALLBACK_K
+            and probe_val_accuracy > model_val_accuracy + margin)

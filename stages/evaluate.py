@@ -19,12 +19,11 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import (StageWriter, TableStream, fixed_list_array, row_group_rows,
                                 write_csv, write_json)
+from pipeline.baselines import fit_linear_baselines
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import EvaluateConfig
 from pipeline.errors import ArtifactError
 from pipeline.inference import ChunkPredictions, DiffusionScorer
 from pipeline.lineage import check_built_from, ref
-from pipeline.linear import LinearProbe, fit_linear_selected
 from pipeline.metrics import evaluation_metrics
 from pipeline.retrieval import BASELINE_MARGIN, knn_vote
 from pipeline.neighbours import open_neighbours
@@ -71,7 +70,7 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
         cfg = p.evaluate
         scorer = DiffusionScorer.from_checkpoint(net, ckpt, num_classes=c, device=dev,
                                                  samples=cfg.stochastic_samples)
-        probes, chosen_l2 = _fit_probes(emb, lab, cfg)
+        probes, chosen_l2, _ = fit_linear_baselines(emb, lab, cfg)
         names = lab.meta.get("class_names") or [str(i) for i in range(c)]
 
         n = len(emb.sample_id)
@@ -132,33 +131,6 @@ def below_baseline(val_accuracy: dict[str, float | None]) -> dict:
                 "README, Troubleshooting: 'below_baseline'", lra, best.replace("_", " "),
                 rivals[best])
     return {"below_baseline": True, "baseline": best, "baseline_val_accuracy": rivals[best]}
-
-
-def _fit_probes(emb: EmbeddingsFile, lab: Labels, cfg: EvaluateConfig
-                ) -> tuple[dict[str, LinearProbe], dict[str, float]]:
-    """The linear baselines on the raw embeddings: observed labels, and clean labels when
-    every train label is known. Fitted on at most cfg.linear_max_rows train rows (a fixed
-    random subset, the same for both probes); each keeps the L2 strength best on the
-    validation rows (clean labels where known), as LRA-diffusion keeps its best epoch.
-    Returns (probes, chosen L2 per probe)."""
-    train = emb.rows("train")
-    if len(train) > cfg.linear_max_rows:
-        pick = np.random.default_rng(0).choice(len(train), cfg.linear_max_rows, replace=False)
-        train = train[np.sort(pick)]
-    x = emb.read_rows(train)
-    val = emb.rows("val")
-    x_val = emb.read_rows(val)
-    y_val = np.where(lab.clean[val] != UNKNOWN, lab.clean[val], lab.observed[val])
-    fit = {"x_val": x_val, "y_val": y_val, "num_classes": lab.num_classes,
-           "iters": cfg.linear_iters,
-           "l2_values": tuple(cfg.linear_l2 * 10.0 ** j for j in range(cfg.linear_l2_decades))}
-    targets = {"noisy_linear": lab.observed[train]}
-    if (lab.clean[emb.rows("train")] != UNKNOWN).all():
-        targets["clean_linear"] = lab.clean[train]
-    probes, chosen = {}, {}
-    for name, y in targets.items():
-        probes[name], chosen[name], _ = fit_linear_selected(x, y, **fit)
-    return probes, chosen
 
 
 def _prediction_schema(num_classes: int, *, vote: bool) -> pa.Schema:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from pipeline import distributed
 from pipeline.allocator import retain_freed_memory
 from pipeline.artifacts import StageWriter, write_csv, write_json
+from pipeline.baselines import fit_linear_baselines
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Params, as_dict
 from pipeline.errors import ArtifactError
@@ -25,7 +26,8 @@ from pipeline.features import FeatureNormalizer
 from pipeline.index import apply_search_params, index_ref, load_index_with_info
 from pipeline.lineage import BUILT_FROM, Ref, check_built_from
 from pipeline.neighbours import read_candidates_meta
-from pipeline.retrieval import candidate_labels, retry_k, search_rows
+from pipeline.retrieval import (FALLBACK_K, candidate_labels, falls_back_to_small_k, retry_k,
+                                search_rows)
 from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
                              open_embeddings, read_labels)
 from pipeline.training import TrainData, TrainResult, model_spec, train_diffusion
@@ -45,7 +47,8 @@ def train(params: ParamsOption = Path("params.yaml"),
           nproc: NprocOption = 1) -> None:
     """Train the diffusion classifier; keep the best validation epoch. When a neighbour
     vote at another k of retrieve.k_choices beats it on validation, train once more at
-    that k (neighbours searched in --index) and keep the better."""
+    that k (neighbours searched in --index) and keep the better; when the noisy linear
+    probe still beats it, train once more on the nearest neighbour alone (k=1)."""
     with stage("train", params) as p:
         if nproc > 1 and not distributed.launched():
             raise typer.Exit(distributed.relaunch(nproc, [
@@ -124,9 +127,22 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, index:
         result, retried = _retry(p, result, data, k=k, k_retry=k_retry, index=index,
                                  emb=emb, lab=lab, ret_ref=ret_ref, dev=dev, progress=progress)
         k = retried["kept_k"]
+    probe_accuracy = (fit_linear_baselines(emb, lab, p.evaluate, clean=False)[2]["noisy_linear"]
+                      if ctx.is_main else None)
+    fall_back = ctx.is_main and falls_back_to_small_k(
+        model_val_accuracy=result.best["val_accuracy"], probe_val_accuracy=probe_accuracy,
+        trained_k=k)
+    if ctx.enabled:
+        fall_back = distributed.broadcast_object(fall_back, ctx)
+    fell_back = None
+    if fall_back:
+        result, fell_back = _fall_back(p, result, data, k=k, probe_accuracy=probe_accuracy,
+                                       progress=progress)
+        k = fell_back["kept_k"]
     if not ctx.is_main:
         return
     info = {**result.best, "train_config": as_dict(p.train), "k": k, "k_retry": retried,
+            "probe_retry": fell_back,
             "encoder": emb.meta.get("encoder"), "model": emb.meta.get("model"),
             "val_labels": "clean" if (lab.clean[val_rows] != UNKNOWN).all() else "observed",
             BUILT_FROM: built_from}
@@ -141,7 +157,8 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, index:
                     "best_weights": result.best["weights"],
                     "readout": result.best["readout"],
                     "final_loss": result.history[-1]["loss"], "k": k,
-                    **({"k_retry": retried} if retried else {})},
+                    **({"k_retry": retried} if retried else {}),
+                    **({"probe_retry": fell_back} if fell_back else {})},
                    out.path(out_dir / "train.json"))
 
 
@@ -177,3 +194,24 @@ def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: i
     return runs[kept_k], {"first_k": k, "first_val_accuracy": first.best["val_accuracy"],
                   "retry_k": k_retry, "retry_val_accuracy": second.best["val_accuracy"],
                   "vote_val_accuracy": vote_accuracy, "kept_k": kept_k}
+
+
+def _fall_back(p: Params, first: TrainResult, data: TrainData, *, k: int,
+               probe_accuracy: float, progress: bool) -> tuple[TrainResult, dict]:
+    """Train again on the own label and the FALLBACK_K nearest neighbours' (the first
+    columns of the retrieved candidates, ranked best first) and keep the run with the
+    higher validation accuracy (ties: the first). Returns (kept result, the record for
+    train.json and the checkpoint)."""
+    log.info("the noisy linear probe scores %.4f on validation, above the model trained at "
+             "k=%d (%.4f): training again at k=%d", probe_accuracy, k,
+             first.best["val_accuracy"], FALLBACK_K)
+    small = replace(data, candidates=data.candidates[:, :FALLBACK_K + 1].contiguous())
+    second = train_diffusion(small, p.train, progress=progress)
+    kept_k = FALLBACK_K if second.best["val_accuracy"] > first.best["val_accuracy"] else k
+    kept = second if kept_k == FALLBACK_K else first
+    log.info("keeping the k=%d model (validation accuracy %.4f; k=%d: %.4f)", kept_k,
+             kept.best["val_accuracy"], k if kept_k == FALLBACK_K else FALLBACK_K,
+             (first if kept_k == FALLBACK_K else second).best["val_accuracy"])
+    return kept, {"probe_val_accuracy": probe_accuracy, "first_k": k,
+                  "first_val_accuracy": first.best["val_accuracy"], "retry_k": FALLBACK_K,
+                  "retry_val_accuracy": second.best["val_accuracy"], "kept_k": kept_k}

@@ -384,7 +384,7 @@ def test_index_spaces_keep_their_order_and_the_first_wins_a_tie(run_copy, tmp_pa
     assert not run_copy.path("index_standardize").exists()
 
 
-def test_train_retries_at_the_k_whose_vote_beats_the_model(run_copy, tmp_path):
+def test_train_retries_at_the_k_whose_vote_beats_the_model(run_copy, tmp_path, monkeypatch):
     """A model below the best validation neighbour vote of retrieve.k_choices is trained
     once more at that vote's k and the better run is kept; the retry is exactly a plain
     run at that k (same candidates, same seed), and every record names both runs."""
@@ -392,7 +392,11 @@ def test_train_retries_at_the_k_whose_vote_beats_the_model(run_copy, tmp_path):
 
     from pipeline.retrieval import BASELINE_MARGIN, choose_k
 
+    import stages.train
+
     weak = {"epochs": 2, "eval_every": 1, "warmup_epochs": 1}  # far below a k = 10 vote
+    # The retry at k = 1 when the probe is ahead (tested below) would follow: kept off.
+    monkeypatch.setattr(stages.train, "falls_back_to_small_k", lambda **_: False)
     params = bad_params(run_copy, tmp_path, retrieve={"k": 3, "k_choices": "3,10,30"},
                         train=weak)
     for stage_name in ("retrieve", "train"):
@@ -403,6 +407,7 @@ def test_train_retries_at_the_k_whose_vote_beats_the_model(run_copy, tmp_path):
     assert best_k != 3
     assert f"training again at k={best_k}" in result.stderr
     info = json.loads(run_copy.path("train_json").read_text())
+    assert "probe_retry" not in info
     retry = info["k_retry"]
     assert retry["first_k"] == 3 and retry["retry_k"] == best_k
     assert retry["vote_val_accuracy"] == max(vote["validation_vote_accuracy"])
@@ -425,6 +430,50 @@ def test_train_retries_at_the_k_whose_vote_beats_the_model(run_copy, tmp_path):
         assert result.exit_code == 0, result.stderr
     info = json.loads(run_copy.path("train_json").read_text())
     assert "k_retry" not in info and info["k"] == best_k  # its only choice: no retry
+    assert info["best_val_accuracy"] == retry["retry_val_accuracy"]
+
+
+def test_train_retries_at_k_1_when_the_noisy_linear_probe_beats_the_model(run_copy, tmp_path):
+    """A model below the noisy linear probe on validation (the probe evaluate scores) is
+    trained once more on the own label and the nearest neighbour's, and the better run is
+    kept; the retry is exactly a plain run at k = 1, which never retries itself."""
+    import torch
+
+    from pipeline.neighbours import read_retrieval
+
+    weak = {"epochs": 2, "eval_every": 1, "warmup_epochs": 1}  # far below the probe
+    one_space = {"spaces": "raw"}  # both runs below search the same space
+    params = bad_params(run_copy, tmp_path, retrieve={"k": 3, "k_choices": "3"}, train=weak,
+                        index=one_space)
+    for stage_name in ("index", "retrieve", "train", "evaluate"):
+        result = invoke(stage_args(stage_name, run_copy.root, params))
+        assert result.exit_code == 0, result.stderr
+        if stage_name == "train":
+            assert "training again at k=1" in result.stderr
+    info = json.loads(run_copy.path("train_json").read_text())
+    assert "k_retry" not in info  # k = 3 is the only vote: no retry at another vote's k
+    retry = info["probe_retry"]
+    assert retry["first_k"] == 3 and retry["retry_k"] == 1
+    val_accuracy = json.loads(run_copy.path("metrics").read_text())["val_accuracy"]
+    assert retry["probe_val_accuracy"] == pytest.approx(val_accuracy["noisy_linear"], abs=1e-6)
+    assert retry["probe_val_accuracy"] > retry["first_val_accuracy"] + BASELINE_MARGIN
+    kept = max((retry["first_val_accuracy"], 3), (retry["retry_val_accuracy"], 1),
+               key=lambda pair: pair[0])  # ties keep the first run
+    assert info["best_val_accuracy"] == kept[0] and info["k"] == retry["kept_k"] == kept[1]
+    ckpt = torch.load(run_copy.path("model"), map_location="cpu", weights_only=False)
+    assert ckpt["info"]["probe_retry"] == pytest.approx(retry, abs=1e-6)  # json rounds
+    assert json.loads(run_copy.path("metrics").read_text())["model"]["k"] == kept[1]
+    first_neighbour = read_retrieval(run_copy.path("neighbours")).neighbour_ids[:, :1]
+
+    plain = bad_params(run_copy, tmp_path / "plain", train=weak, index=one_space,
+                       retrieve={"k": 1, "k_choices": "1"})
+    for stage_name in ("retrieve", "train"):
+        result = invoke(stage_args(stage_name, run_copy.root, plain))
+        assert result.exit_code == 0, result.stderr
+    np.testing.assert_array_equal(read_retrieval(run_copy.path("neighbours")).neighbour_ids,
+                                  first_neighbour)  # the same nearest neighbours
+    info = json.loads(run_copy.path("train_json").read_text())
+    assert "probe_retry" not in info and info["k"] == 1  # k = 1 is the smallest: no retry
     assert info["best_val_accuracy"] == retry["retry_val_accuracy"]
 
 

@@ -11,9 +11,9 @@ from pipeline.errors import ArtifactError, ConfigError
 from pipeline.index import (apply_search_params, build_index, load_index, normalized,
                             save_index, search)
 from pipeline.retrieval import (BASELINE_MARGIN, candidate_labels, choose_k, choose_space,
-                                knn_vote,
-                                label_distribution, neighbours_excluding_self,
-                                own_label_agreement, retry_k, search_rows, vote_hits_by_k)
+                                falls_back_to_small_k, knn_vote, label_distribution,
+                                neighbours_excluding_self, own_label_agreement, retry_k,
+                                search_rows, vote_hits_by_k)
 
 
 def random_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -467,3 +467,16 @@ def test_retry_k_only_when_the_best_vote_beats_the_model(trained_k, val_accuracy
 def test_retry_k_without_a_validation_vote_never_retries():
     assert retry_k(None, trained_k=10, val_accuracy=0.0) is None
     assert retry_k({}, trained_k=10, val_accuracy=0.0) is None
+
+
+@pytest.mark.parametrize(("model", "probe", "trained_k", "expected"), [
+    (0.80, 0.90, 10, True),      # the probe clearly ahead: retry at k = 1
+    (0.80, 0.805, 10, False),    # within the half-point margin: level
+    (0.90, 0.80, 10, False),     # the model ahead
+    (0.80, 0.90, 1, False),      # already trained at k = 1
+    (0.80, None, 10, False),     # no probe fitted
+])
+def test_falls_back_to_small_k_only_when_the_probe_beats_the_model(model, probe, trained_k,
+                                                                   expected):
+    assert falls_back_to_small_k(model_val_accuracy=model, probe_val_accuracy=probe,
+                                 trained_k=trained_k) is expected

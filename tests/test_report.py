@@ -235,3 +235,14 @@ def test_the_report_says_when_train_retried_at_another_k():
                                     "vote_val_accuracy": 0.493, "kept_k": 100}})
     assert "trained at k=10 (validation 0.390)" in note
     assert "k=100 neighbour vote scored 0.493" in note and note.endswith("kept k=100")
+    probe = {"first_k": 10, "first_val_accuracy": 0.92, "probe_val_accuracy": 0.948,
+             "retry_k": 1, "retry_val_accuracy": 0.951, "kept_k": 1}
+    note = _retry_note({"k_retry": None, "probe_retry": probe})
+    assert note == ("; trained at k=10 (validation 0.920) and, as the noisy linear probe "
+                    "scored 0.948, again at k=1 (0.951): kept k=1")
+    both = _retry_note({"k_retry": {"first_k": 10, "first_val_accuracy": 0.39,
+                                    "retry_k": 100, "retry_val_accuracy": 0.604,
+                                    "vote_val_accuracy": 0.493, "kept_k": 100},
+                        "probe_retry": {**probe, "first_k": 100}})
+    assert both.count("trained at") == 1 and both.endswith("scored 0.948, again at k=1 "
+                                                           "(0.951): kept k=1")

@@ -21,7 +21,7 @@ def _policy(value: str) -> str:
 
 @app.command()
 def export(policy: Annotated[str, typer.Option(
-               "--policy", callback=_policy,
+               "--policy", callback=_policy, metavar="|".join(POLICIES),
                help="relabel: disputed train labels take the suggested label; "
                     "drop: disputed train rows are left out; keep: labels unchanged.")],
            out: Annotated[Path, typer.Option(

@@ -406,3 +406,9 @@ def test_encoder_is_rebuilt_from_the_embeddings_provenance(tmp_path):
                       PixelEncoder)
     with pytest.raises(ArtifactError, match="encoder 'mystery'"):
         encoder_config({"encoder": "mystery"})
+
+
+def test_export_help_names_the_policies():
+    """`--policy` shows its three choices where the help would say <str>."""
+    result = invoke(["export", "--help"])
+    assert result.exit_code == 0 and "relabel|drop|keep" in result.stdout

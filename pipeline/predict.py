@@ -171,12 +171,14 @@ def class_names(num_classes: int, *candidates: Path) -> list[str]:
 
 
 def embed_chunks(encoder: Encoder, images: ImageList, *, runtime: RuntimeOptions,
-                 expected_dim: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, (b, D) float32 embeddings) per chunk of images, in order."""
+                 expected_dim: int, chunk_rows: int = CHUNK_ROWS
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, (b, D) float32 embeddings) per chunk of about chunk_rows images
+    (rounded up to a multiple of the batch size), in order."""
     from pipeline.embed_cache import aligned_chunk_rows, chunk_ranges
 
     table = images.table()
-    ranges = chunk_ranges(table.num_rows, aligned_chunk_rows(CHUNK_ROWS, runtime.batch_size))
+    ranges = chunk_ranges(table.num_rows, aligned_chunk_rows(chunk_rows, runtime.batch_size))
     for (start, _), vectors in zip(ranges, iter_encode(encoder, table, ranges,
                                                        root=str(images.root),
                                                        runtime=runtime)):

@@ -82,6 +82,9 @@ WorkersOption = Annotated[int, typer.Option(
     "--workers", min=0, envvar="LRA_WORKERS",
     help="Worker processes for image decoding / checking (0: prepare uses one per CPU, "
          "at most 16; embed decodes in the main process).")]
+ChunkRowsOption = Annotated[int, typer.Option(
+    "--chunk-rows", min=1, envvar="LRA_CHUNK_ROWS",
+    help="Rows per inference chunk; changes memory, never the output.")]
 ProgressOption = Annotated[bool, typer.Option(
     "--progress/--no-progress", envvar="LRA_PROGRESS", help="Show progress bars on stderr.")]
 NprocOption = Annotated[int, typer.Option(

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
-import typer
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import (StageWriter, TableStream, fixed_list_array, row_group_rows,
@@ -29,9 +27,10 @@ from pipeline.retrieval import BASELINE_MARGIN, knn_vote
 from pipeline.neighbours import open_neighbours
 from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
                              open_embeddings, read_labels)
-from stages.app import (DeviceOption, EmbeddingsOption, LabelsOption, ModelOption,
-                        OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
-                        ThreadsOption, app, resolve_device, set_threads, stage)
+from stages.app import (ChunkRowsOption, DeviceOption, EmbeddingsOption, LabelsOption,
+                        ModelOption, OutDirOption, ParamsOption, ProgressOption,
+                        RetrievalOption, ThreadsOption, app, resolve_device, set_threads,
+                        stage)
 
 
 log = logging.getLogger(__name__)
@@ -44,10 +43,7 @@ def evaluate(params: ParamsOption = Path("params.yaml"),
              labels: LabelsOption = Path("data/labels/labels.parquet"),
              retrieval: RetrievalOption = Path("data/retrieval/neighbours.parquet"),
              out_dir: OutDirOption = Path("data/evaluate"), device: DeviceOption = "auto",
-             chunk_rows: Annotated[int, typer.Option(
-                 min=1, envvar="LRA_CHUNK_ROWS",
-                 help="Rows per inference chunk; changes memory, never the output.")
-             ] = 4096,
+             chunk_rows: ChunkRowsOption = 4096,
              threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
     """Score LRA-diffusion and the baselines on every split with known labels."""
     with stage("evaluate", params) as p:

@@ -13,12 +13,12 @@ import typer
 from pipeline.checkpoint import load_checkpoint
 from pipeline.encoders import RuntimeOptions, build_encoder
 from pipeline.inference import DiffusionScorer
-from pipeline.predict import (check_model_matches, check_out_suffix, check_readable,
+from pipeline.predict import (CHUNK_ROWS, check_model_matches, check_out_suffix, check_readable,
                               class_names, embed_chunks, encoder_config, list_images,
                               prediction_rows, write_predictions)
 from pipeline.tables import open_embeddings
-from stages.app import (DeviceOption, ProgressOption, ThreadsOption, app, resolve_device,
-                        set_threads, stage)
+from stages.app import (ChunkRowsOption, DeviceOption, ProgressOption, ThreadsOption, app,
+                        resolve_device, set_threads, stage)
 
 
 @app.command()
@@ -53,6 +53,7 @@ def predict(images: Annotated[Path, typer.Option(
             workers: Annotated[int, typer.Option(min=0, envvar="LRA_WORKERS",
                                                  help="Image-decoding worker processes.")
                                ] = 0,
+            chunk_rows: ChunkRowsOption = CHUNK_ROWS,
             threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
     """Predict the class of new images: embed them with the pipeline's encoder, score
     them with the trained model (its normaliser, the mean-start DDIM trajectory and,
@@ -76,7 +77,8 @@ def predict(images: Annotated[Path, typer.Option(
         runtime = RuntimeOptions(device=dev, batch_size=batch_size, workers=workers,
                                  progress=progress)
         parts = []
-        for start, raw in embed_chunks(encoder, todo, runtime=runtime, expected_dim=emb.dim):
+        for start, raw in embed_chunks(encoder, todo, runtime=runtime, expected_dim=emb.dim,
+                                       chunk_rows=chunk_rows):
             chunk = scorer.score(raw, first_row=start)
             parts.append(prediction_rows(todo.paths[start:start + len(raw)], chunk.predicted,
                                          names, chunk.vote, chunk.confidence))

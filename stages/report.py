@@ -13,10 +13,10 @@ from tqdm.auto import tqdm
 from pipeline.artifacts import StageWriter, write_json
 from pipeline.report import ReportPaths, build_report
 from pipeline.report_io import write_issues
-from stages.app import (DeviceOption, EmbeddingsOption, LabelsOption, ModelOption,
-                        OutDirOption, ParamsOption, PreparedOption, ProgressOption,
-                        RetrievalOption, ThreadsOption, app,
-                        resolve_device, set_threads, stage)
+from stages.app import (ChunkRowsOption, DeviceOption, EmbeddingsOption, LabelsOption,
+                        ModelOption, OutDirOption, ParamsOption, PreparedOption,
+                        ProgressOption, RetrievalOption, ThreadsOption, app, resolve_device,
+                        set_threads, stage)
 
 _D = ReportPaths()
 
@@ -39,9 +39,7 @@ def report(params: ParamsOption = Path("params.yaml"),
                help="Retrieval summary (lra retrieve): data/retrieval/retrieval.json.")
            ] = _D.retrieval_summary,
            out_dir: OutDirOption = Path("data/report"), device: DeviceOption = "auto",
-           chunk_rows: Annotated[int, typer.Option(
-               min=1, envvar="LRA_CHUNK_ROWS",
-               help="Rows per inference chunk; changes memory, never the output.")] = 4096,
+           chunk_rows: ChunkRowsOption = 4096,
            threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
     """Rank the training labels most likely wrong and write the HTML report."""
     with stage("report", params) as p:

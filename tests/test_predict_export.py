@@ -412,3 +412,17 @@ def test_export_help_names_the_policies():
     """`--policy` shows its three choices where the help would say <str>."""
     result = invoke(["export", "--help"])
     assert result.exit_code == 0 and "relabel|drop|keep" in result.stdout
+
+
+def test_predict_output_does_not_depend_on_chunk_rows(folder_run, tmp_path):
+    """--chunk-rows (rounded up to a multiple of --batch-size: here 8-image chunks)
+    changes memory only: the classes, the stochastic vote and its confidence are equal."""
+    outs = []
+    for name, chunking in (("one", []), ("many", ["--chunk-rows", "5", "--batch-size", "4"])):
+        outs.append(tmp_path / f"{name}.parquet")
+        result = invoke(["predict", "--images", folder_run / "images" / "test", "--out",
+                         outs[-1], "--samples", "3", *chunking, *flat(run_args(folder_run))])
+        assert result.exit_code == 0, (result.stderr, result.exception)
+    one, many = (pl.read_parquet(out) for out in outs)
+    assert len(one) > 8  # more than one chunk of 8
+    assert one.equals(many)

@@ -210,6 +210,10 @@ def image_paths(prepared: Prepared, rows: np.ndarray, out: Path) -> list[str]:
 
 def manifest_table(*, prepared: Prepared, labels: Labels, decisions: Decisions,
                    rows: np.ndarray, label: np.ndarray, paths: list[str]) -> pa.Table:
+    """The exported manifest: one row per kept sample. rows: (M,) int64 positions in the
+    labels table; label: (M,) int64 the exported labels; paths: M image paths. Columns:
+    path, label, split, clean_label (null where unknown), original_label (the observed
+    one), label_name, is_label_issue (disputed) and sample_id."""
     clean = labels.clean[rows]
     names = prepared.class_names
     return pa.table({

@@ -169,6 +169,8 @@ def index_ref(path: str | Path, info: dict) -> Ref:
 
 
 def load_index(path: str | Path) -> faiss.Index:
+    """Read a FAISS index; a missing or unreadable file is an ArtifactError naming the
+    stage that rebuilds it."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"missing FAISS index: {path} (run `lra index` first)")

@@ -48,6 +48,14 @@ def write_retrieval(path: str | Path, *, sample_id: np.ndarray, split: np.ndarra
                     neighbour_labels: np.ndarray, candidates: np.ndarray,
                     distribution: np.ndarray, agreement: np.ndarray, is_train: np.ndarray,
                     metadata: dict[str, Any]) -> None:
+    """Write retrieve's table: one row per sample, N rows in the embeddings' order.
+
+    sample_id: (N,) int64; split: (N,) str; neighbour_ids, neighbour_labels: (N, k) int64
+    and distances: (N, k) float32 (1 - cosine similarity), ranked nearest first;
+    distribution: (N, C) float32, the neighbours' label frequencies; candidates: (N,
+    k + 1) int64 and agreement: (N,) float32 are stored on train rows only (`is_train`,
+    (N,) bool), null elsewhere. metadata: the JSON-able schema metadata (k, space,
+    built_from, ...)."""
     not_train = pa.array(~is_train)
     candidate_col = pa.FixedSizeListArray.from_arrays(
         pa.array(candidates.reshape(-1), type=pa.int64()), candidates.shape[1], mask=not_train)

@@ -193,6 +193,9 @@ def embed_chunks(encoder: Encoder, images: ImageList, *, runtime: RuntimeOptions
 
 def prediction_rows(paths: list[str], predicted: np.ndarray, names: list[str],
                     vote: np.ndarray | None, confidence: np.ndarray | None) -> pa.Table:
+    """predict's rows for one chunk (PREDICTION_SCHEMA). paths: M strings; predicted:
+    (M,) int64 class ids; names: C class names; vote: (M,) int64 and confidence: (M,)
+    float32 from the stochastic samples, or None (null columns) without them."""
     n = len(paths)
     return pa.table({
         "path": pa.array(paths, type=pa.string()),

@@ -46,6 +46,8 @@ class Predictions:
 
 
 def read_predictions(path: str | Path, *, num_classes: int) -> Predictions:
+    """evaluate's predictions (the columns the report needs) as arrays, with the class
+    names; names for another number of classes are an ArtifactError."""
     cols = ("sample_id", "split", "true", "predicted", "knn_vote")
     table, meta = read_table(path, "predictions", columns=cols, required=cols)
     names = meta.get("class_names") or [str(i) for i in range(num_classes)]
@@ -73,6 +75,8 @@ class Neighbourhood:
 
 
 def read_neighbourhood(path: str | Path) -> Neighbourhood:
+    """retrieve's table as arrays: ids and labels of the k neighbours ((N, k) int64) and
+    the own-label agreement ((N,) float32, NaN off the train split)."""
     cols = ("sample_id", "own_label_agreement", "neighbour_ids", "neighbour_labels")
     table, meta = read_table(path, "retrieval table", columns=cols, required=cols)
     return Neighbourhood(

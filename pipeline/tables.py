@@ -77,6 +77,8 @@ class Prepared:
 
 
 def read_prepared(path: str | Path) -> Prepared:
+    """prepare's table (sample_id, split, label, clean_label, image, path) with its class
+    names and whether its labels are clean; a missing key is an ArtifactError."""
     table, meta = read_table(path, "prepared table", required=(
         "sample_id", "split", "label", "clean_label", "image", "path"), rebuild=PREPARE)
     for key in ("class_names", "labels_are_clean"):
@@ -108,6 +110,9 @@ class Embeddings:
 
 def write_embeddings(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
                      vectors: np.ndarray, provenance: dict[str, Any]) -> None:
+    """Write embed's table. sample_id: (N,) int64; split: (N,) str; vectors: (N, D)
+    float32, stored as a fixed-size list column; provenance (encoder, model, ...) and D
+    go in the schema metadata, with a content fingerprint."""
     table = pa.table({
         "sample_id": pa.array(sample_id, type=pa.int64()),
         "split": pa.array(list(split), type=pa.string()),
@@ -239,6 +244,9 @@ class Labels:
 
 def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
                  clean: np.ndarray, observed: np.ndarray, metadata: dict[str, Any]) -> None:
+    """Write noise's table. sample_id: (N,) int64; split: (N,) str; clean: (N,) int64
+    (UNKNOWN where no clean label is known: stored as null); observed: (N,) int64 in
+    [0, C). metadata: num_classes, class names and the noise record."""
     known = clean != UNKNOWN
     table = pa.table({
         "sample_id": pa.array(sample_id, type=pa.int64()),
@@ -251,6 +259,8 @@ def write_labels(path: str | Path, *, sample_id: np.ndarray, split: np.ndarray,
 
 
 def read_labels(path: str | Path) -> Labels:
+    """noise's table as arrays (`Labels`); labels outside [0, num_classes) are an
+    ArtifactError naming the column."""
     table, meta = read_table(path, "labels", required=(
         "sample_id", "split", "clean_label", "observed_label"), rebuild=NOISE)
     if "num_classes" not in meta:

@@ -73,6 +73,8 @@ def iter_encode(encoder: Encoder, table: pa.Table, ranges: Sequence[tuple[int, i
 
 
 def build_encoder(cfg: EmbedConfig) -> Encoder:
+    """The encoder `cfg` names, checked before any image is read (open_clip: the model
+    and its weights are found, else a one-line error)."""
     if cfg.encoder == "pixels":
         from pipeline.encoders.pixels import PixelEncoder
 

@@ -110,10 +110,13 @@ def set_leaf(params: dict, dotted: str, value: object) -> None:
     node[last] = value
 
 
-ALSO_READ = {"evaluate.linear_iters": {"report"}, "evaluate.linear_max_rows": {"report"},
+ALSO_READ = {"evaluate.linear_iters": {"report", "train"},
+             "evaluate.linear_max_rows": {"report", "train"},
+             "evaluate.linear_l2": {"train"}, "evaluate.linear_l2_decades": {"train"},
              "index.search_params": {"train"}}
 """Leaves a second stage reads: the report's cross-fitted probe fits like evaluate's;
-train's retry at another k searches the index as retrieve does."""
+train's retry at another k searches the index as retrieve does, and its retry at k = 1
+compares the model with evaluate's noisy linear probe."""
 
 
 def owner(key: str) -> str:

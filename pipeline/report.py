@@ -204,16 +204,16 @@ def _retry_note(info: dict) -> str:
     """How train's retries went, when they ran (stages/train.py): at the k of a better
     neighbour vote, then at k = 1 when the noisy linear probe was still ahead."""
     parts = []
-    for key, rival in (("k_retry", "the k={retry_k} neighbour vote"),
-                       ("probe_retry", "the noisy linear probe")):
+    for key, rival, rival_score in (
+            ("k_retry", "the k={retry_k} neighbour vote", "vote_val_accuracy"),
+            ("probe_retry", "the noisy linear probe", "probe_val_accuracy")):
         retry = info.get(key)
         if not retry:
             continue
         if not parts:
             parts.append(f"trained at k={retry['first_k']} "
                          f"(validation {retry['first_val_accuracy']:.3f})")
-        rival_score = retry.get("vote_val_accuracy", retry.get("probe_val_accuracy"))
-        parts.append(f"as {rival.format(**retry)} scored {rival_score:.3f}, again at "
+        parts.append(f"as {rival.format(**retry)} scored {retry[rival_score]:.3f}, again at "
                      f"k={retry['retry_k']} ({retry['retry_val_accuracy']:.3f}): kept "
                      f"k={retry['kept_k']}")
     return "; " + " and, ".join(parts) if parts else ""

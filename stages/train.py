@@ -186,12 +186,8 @@ def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: i
     candidates = candidate_labels(lab.observed[rows], lab.observed[ids])  # (N_train, k+1)
     second = train_diffusion(replace(data, candidates=torch.from_numpy(candidates).to(dev)),
                              p.train, progress=progress)
-    runs = {k: first, k_retry: second}
-    kept_k = k_retry if second.best["val_accuracy"] > first.best["val_accuracy"] else k
-    other_k = k if kept_k == k_retry else k_retry
-    log.info("keeping the k=%d model (validation accuracy %.4f; k=%d: %.4f)", kept_k,
-             runs[kept_k].best["val_accuracy"], other_k, runs[other_k].best["val_accuracy"])
-    return runs[kept_k], {"first_k": k, "first_val_accuracy": first.best["val_accuracy"],
+    kept, kept_k = _keep_better(first, k, second, k_retry)
+    return kept, {"first_k": k, "first_val_accuracy": first.best["val_accuracy"],
                   "retry_k": k_retry, "retry_val_accuracy": second.best["val_accuracy"],
                   "vote_val_accuracy": vote_accuracy, "kept_k": kept_k}
 
@@ -207,11 +203,19 @@ def _fall_back(p: Params, first: TrainResult, data: TrainData, *, k: int,
              first.best["val_accuracy"], FALLBACK_K)
     small = replace(data, candidates=data.candidates[:, :FALLBACK_K + 1].contiguous())
     second = train_diffusion(small, p.train, progress=progress)
-    kept_k = FALLBACK_K if second.best["val_accuracy"] > first.best["val_accuracy"] else k
-    kept = second if kept_k == FALLBACK_K else first
-    log.info("keeping the k=%d model (validation accuracy %.4f; k=%d: %.4f)", kept_k,
-             kept.best["val_accuracy"], k if kept_k == FALLBACK_K else FALLBACK_K,
-             (first if kept_k == FALLBACK_K else second).best["val_accuracy"])
+    kept, kept_k = _keep_better(first, k, second, FALLBACK_K)
     return kept, {"probe_val_accuracy": probe_accuracy, "first_k": k,
                   "first_val_accuracy": first.best["val_accuracy"], "retry_k": FALLBACK_K,
                   "retry_val_accuracy": second.best["val_accuracy"], "kept_k": kept_k}
+
+
+def _keep_better(first: TrainResult, first_k: int, second: TrainResult, second_k: int
+                 ) -> tuple[TrainResult, int]:
+    """The run with the higher validation accuracy (ties: the first) and its k; logs
+    both."""
+    keep_second = second.best["val_accuracy"] > first.best["val_accuracy"]
+    (kept, kept_k), (other, other_k) = (((second, second_k), (first, first_k)) if keep_second
+                                        else ((first, first_k), (second, second_k)))
+    log.info("keeping the k=%d model (validation accuracy %.4f; k=%d: %.4f)", kept_k,
+             kept.best["val_accuracy"], other_k, other.best["val_accuracy"])
+    return kept, kept_k

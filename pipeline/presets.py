@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any
 
 
-from pipeline.config import params_from_dict, read_yaml
+from pipeline.params_io import params_from_dict, read_yaml
 from pipeline.errors import ConfigError
 
 

@@ -20,7 +20,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params
+from pipeline.params_io import load_params
 from pipeline.errors import ConfigError, LraError
 
 app = typer.Typer(

@@ -10,7 +10,7 @@ import typer
 import yaml
 
 from pipeline.artifacts import atomic_path
-from pipeline.config import read_yaml
+from pipeline.params_io import read_yaml
 from pipeline.errors import ConfigError
 from pipeline.presets import apply_preset, load_preset, preset_names, preset_updates
 from pipeline.yaml_edit import set_leaves

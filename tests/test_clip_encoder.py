@@ -18,7 +18,7 @@ import torch
 import open_clip  # a hard dependency: a broken import must fail the suite
 
 from pipeline.encoders import RuntimeOptions
-from pipeline.encoders import clip as clip_mod
+from pipeline.encoders import clip_download
 from pipeline.encoders.clip import OpenClipEncoder
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.images import encode_png
@@ -338,7 +338,7 @@ def test_unreachable_hub_fails_fast_without_offline_flag(tmp_path, monkeypatch):
 
 def test_probe_reports_closed_port_quickly():
     start = time.perf_counter()
-    reason = clip_mod._probe("127.0.0.1", 9, timeout=2.0)
+    reason = clip_download._probe("127.0.0.1", 9, timeout=2.0)
     assert reason is not None
     assert time.perf_counter() - start < 3
 

@@ -1,4 +1,4 @@
-"""pipeline.config: frozen, validated params; unknown keys, wrong types and bad values
+"""pipeline.config and pipeline.params_io: frozen, validated params; unknown keys, wrong types and bad values
 fail with a ConfigError that names the key, the value and the valid choices."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import yaml
 
 from pipeline.config import (ENCODERS, NOISE_KINDS, READOUTS, SOURCES, DataConfig,
                              EvaluateConfig, IndexConfig, NoiseConfig, Params, ReportConfig,
-                             RetrieveConfig, TrainConfig, as_dict, load_params, params_from_dict)
+                             RetrieveConfig, TrainConfig, as_dict)
+from pipeline.params_io import load_params, params_from_dict
 from pipeline.errors import ConfigError, LraError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -388,7 +388,7 @@ def _train_rank(rank: int, inputs: dict[str, Path], out: str) -> None:
     """train_diffusion itself on one rank (validation at the last epoch only)."""
     import dataclasses
 
-    from pipeline.config import load_params
+    from pipeline.params_io import load_params
     from pipeline.training import train_diffusion
 
     with distributed.session() as ctx:
@@ -443,7 +443,7 @@ def _assert_same_weights(single: dict, ddp: dict) -> None:
 def test_train_two_ranks_matches_single_process(train_inputs, tmp_path):
     import dataclasses
 
-    from pipeline.config import load_params
+    from pipeline.params_io import load_params
     from pipeline.training import train_diffusion
 
     cfg = dataclasses.replace(load_params(train_inputs["params"]).train, eval_every=100)

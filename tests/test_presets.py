@@ -7,7 +7,7 @@ import yaml
 from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
-from pipeline.config import params_from_dict
+from pipeline.params_io import params_from_dict
 from pipeline.errors import ConfigError
 from pipeline.presets import apply_preset, deep_merge, load_preset, preset_names
 from stages.cli import app

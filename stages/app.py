@@ -9,6 +9,7 @@ on stderr, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -33,6 +34,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def short_help(doc: str | None) -> str | None:
+    """A command's one-line summary for `lra --help`: the first sentence of its docstring's
+    first paragraph, whitespace collapsed (Typer would list the whole paragraph with its
+    source line breaks)."""
+    if not doc:
+        return None
+    paragraph = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    return paragraph.split(". ", 1)[0].removesuffix(".") + "."
+
+
+def set_short_help(group: typer.Typer) -> None:
+    """Give every registered command without one its `short_help` summary."""
+    for info in group.registered_commands:
+        if info.short_help is None and info.help is None and info.callback is not None:
+            info.short_help = short_help(info.callback.__doc__)
 
 
 def _version(value: bool) -> None:

@@ -41,9 +41,10 @@ def export(policy: Annotated[str, typer.Option(
            predictions: Annotated[Path, typer.Option(
                help="Predicted labels for an issues table without predicted_label.")
            ] = Path("data/evaluate/predictions.parquet")) -> None:
-    """Write the dataset with cleaned labels as a manifest (path, label, split,
-    clean_label, original_label, ...) in the `manifest` source's format: train any
-    model on it, this pipeline included (data.source: manifest, noise.kind: none)."""
+    """Write the dataset with cleaned labels as a manifest any training code reads. Its
+    columns (path, label, split, clean_label, original_label, ...) are the `manifest`
+    source's format, so this pipeline reads it too (data.source: manifest, noise.kind:
+    none)."""
     with stage("export"):
         check_out(out)
         prep = read_prepared(prepared)

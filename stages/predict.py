@@ -55,9 +55,9 @@ def predict(images: Annotated[Path, typer.Option(
                                ] = 0,
             chunk_rows: ChunkRowsOption = CHUNK_ROWS,
             threads: ThreadsOption = 0, progress: ProgressOption = True) -> None:
-    """Predict the class of new images: embed them with the pipeline's encoder, score
-    them with the trained model (its normaliser, the mean-start DDIM trajectory and,
-    with --samples, a stochastic vote with its confidence)."""
+    """Predict the class of new images with the trained model. They are embedded with
+    the pipeline's encoder and scored with the model's normaliser and the mean-start DDIM
+    trajectory; --samples adds a stochastic vote with its confidence."""
     with stage("predict"):
         check_out_suffix(out)
         set_threads(threads)

@@ -16,8 +16,11 @@ from pipeline.presets import apply_preset, load_preset, preset_names, preset_upd
 from pipeline.yaml_edit import set_leaves
 from stages.app import app, stage
 
-preset_app = typer.Typer(help="Presets for the paper's experiments (CIFAR PMD / hybrid "
-                              "noise, Food-101N, mini-WebVision, Clothing1M, Animal-10N).",
+preset_app = typer.Typer(help="Presets for the paper's experiments: CIFAR-10/100 PMD and "
+                              "hybrid noise, Food-101N, mini-WebVision, Clothing1M and "
+                              "Animal-10N.",
+                         short_help="Params presets for the paper's experiments (lra preset "
+                                    "list).",
                          no_args_is_help=True)
 app.add_typer(preset_app, name="preset")
 

@@ -33,9 +33,9 @@ def retrieve(params: ParamsOption = Path("params.yaml"),
              labels: LabelsOption = Path("data/labels/labels.parquet"),
              out_dir: OutDirOption = Path("data/retrieval"), threads: ThreadsOption = 0,
              progress: ProgressOption = True) -> None:
-    """For every sample, its k nearest train neighbours (never itself) and their labels,
-    in the indexed space whose neighbour vote is best on the validation rows
-    (retrieve.k: auto picks k by that vote too)."""
+    """Find every sample's k nearest train neighbours (never itself) and their labels.
+    They are searched in the indexed space whose neighbour vote is best on the validation
+    rows (retrieve.k: auto picks k by that vote too)."""
     with stage("retrieve", params) as p:
         set_threads(threads, libraries=("faiss",))  # no torch here
         emb = open_embeddings(embeddings)

@@ -125,3 +125,32 @@ def test_stage_stderr_has_only_its_own_lines(pipeline_run, tmp_path):
     assert not re.search(r"(?i)faiss|AVX", proc.stderr)
     assert (tmp_path / "model" / "model.pt").read_bytes() == \
         pipeline_run.path("model").read_bytes()
+
+
+def test_help_lists_commands_in_pipeline_order_with_one_sentence_each(tmp_path):
+    """The console script's `lra --help`: validate, the stages in run order, then the
+    commands outside the DVC graph; each summary is its docstring's first sentence on
+    one line (Typer alone keeps the docstring's line breaks and whole paragraph)."""
+    from stages.launch import COMMANDS as LAUNCH_ORDER
+
+    proc = run([str(VENV_BIN / "lra"), "--help"], tmp_path, COLUMNS="160")
+    listed = re.findall(r"^[^\w\n]*(\w+)\s{2,}(\S.*?)[\s│]*$",
+                        proc.stdout.split("Commands")[1], flags=re.M)
+    names = [name for name, _ in listed]
+    assert names == [c for c in LAUNCH_ORDER if c != "preset"] + ["preset"]
+    summaries = dict(listed)
+    assert summaries["train"] == ("Train the diffusion classifier; keep the best "
+                                  "validation epoch.")
+    assert all(s.endswith(".") and ". " not in s and len(s) <= 100
+               for s in summaries.values()), summaries
+
+
+def test_short_help_is_the_first_sentence():
+    from stages.app import short_help
+
+    assert short_help("""Do one thing.  Then
+        another.
+
+        Details.""") == "Do one thing."
+    assert short_help("One line,\n    wrapped (a, b, ...) here") == "One line, wrapped (a, b, ...) here."
+    assert short_help(None) is None

@@ -79,18 +79,18 @@ OutDirOption = Annotated[Path, typer.Option(
     "--out-dir", help="Folder the stage writes its outputs to (created if missing).")]
 # Input options are named after the artifact they read.
 PreparedOption = Annotated[Path, typer.Option(
-    "--prepared", help="Prepared table (lra prepare): data/prepared/samples.parquet.")]
+    "--prepared", help="Prepared table, written by lra prepare.")]
 EmbeddingsOption = Annotated[Path, typer.Option(
-    "--embeddings", help="Embeddings table (lra embed): data/embeddings/embeddings.parquet.")]
+    "--embeddings", help="Embeddings table, written by lra embed.")]
 IndexOption = Annotated[Path, typer.Option(
-    "--index", help="FAISS index folder (lra index): data/index, one <space>.faiss per "
+    "--index", help="FAISS index folder, written by lra index: one <space>.faiss per "
                     "retrieval space and their index.json.")]
 LabelsOption = Annotated[Path, typer.Option(
-    "--labels", help="Labels table (lra noise): data/labels/labels.parquet.")]
+    "--labels", help="Labels table, written by lra noise.")]
 RetrievalOption = Annotated[Path, typer.Option(
-    "--retrieval", help="Retrieval table (lra retrieve): data/retrieval/neighbours.parquet.")]
+    "--retrieval", help="Retrieval table, written by lra retrieve.")]
 ModelOption = Annotated[Path, typer.Option(
-    "--model", help="Model checkpoint (lra train): data/model/model.pt.")]
+    "--model", help="Model checkpoint, written by lra train.")]
 DeviceOption = Annotated[str, typer.Option(
     "--device", envvar="LRA_DEVICE",
     help="auto | cpu | cuda | cuda:N. A runtime knob: it changes speed, not results.")]

@@ -26,17 +26,17 @@ def report(params: ParamsOption = Path("params.yaml"),
            model: ModelOption = _D.model, embeddings: EmbeddingsOption = _D.embeddings,
            labels: LabelsOption = _D.labels, retrieval: RetrievalOption = _D.retrieval,
            predictions: Annotated[Path, typer.Option(
-               help="Predictions table (lra evaluate): data/evaluate/predictions.parquet.")
+               help="Predictions table, written by lra evaluate.")
            ] = _D.predictions,
            prepared: PreparedOption = _D.prepared,
            metrics: Annotated[Path, typer.Option(
-               help="Metrics (lra evaluate): data/evaluate/metrics.json.")] = _D.metrics,
+               help="Metrics, written by lra evaluate.")] = _D.metrics,
            train_log: Annotated[Path, typer.Option(
-               help="Training log (lra train): data/model/train_log.csv.")] = _D.train_log,
+               help="Training log, written by lra train.")] = _D.train_log,
            noise_summary: Annotated[Path, typer.Option(
-               help="Noise summary (lra noise): data/labels/noise.json.")] = _D.noise,
+               help="Noise summary, written by lra noise.")] = _D.noise,
            retrieval_summary: Annotated[Path, typer.Option(
-               help="Retrieval summary (lra retrieve): data/retrieval/retrieval.json.")
+               help="Retrieval summary, written by lra retrieve.")
            ] = _D.retrieval_summary,
            out_dir: OutDirOption = Path("data/report"), device: DeviceOption = "auto",
            chunk_rows: ChunkRowsOption = 4096,

@@ -9,6 +9,8 @@ the pipeline's own stages (noise -> retrieve -> train -> evaluate).
     uv run python -m bench.accuracy --quick --retrieve-k auto \
         --out bench/results/accuracy_k_auto.json         # k chosen on validation
     uv run python -m bench.accuracy --pick-by-val bench/results/accuracy_k_auto.json
+    uv run python -m bench.accuracy --spaces digits64lt --set train.class_balance=inverse \
+        --out bench/results/accuracy_longtail_inverse.json  # class-balanced loss
 
 Cells run `--jobs` at a time (default: one per usable CPU, each on one thread). The
 digits cells train on one thread anyway (their steps are too small to split,
@@ -75,9 +77,20 @@ def cell_params(base: dict, space: str, noise: str, seed: int) -> dict:
 UNUSED_SECTIONS = ("report",)
 
 
+# Params added after cells were run, at the value that reproduces the older runs bit
+# for bit: (section, key) -> that value. A cell's key leaves them out at that value, so
+# adding one does not make every finished cell look stale; any other value does.
+ADDED_AT_OLD_BEHAVIOUR = {("train", "class_balance"): "none"}
+
+
 def params_key(params: dict, *, ignore: tuple[str, ...] = UNUSED_SECTIONS) -> str:
-    """Digest of the params a cell's stages read (all but the `ignore` sections)."""
-    used = {k: v for k, v in params.items() if k not in ignore}
+    """Digest of the params a cell's stages read (all but the `ignore` sections, and the
+    ADDED_AT_OLD_BEHAVIOUR keys at their old-behaviour value)."""
+    used = {k: dict(v) if isinstance(v, dict) else v
+            for k, v in params.items() if k not in ignore}
+    for (section, key), value in ADDED_AT_OLD_BEHAVIOUR.items():
+        if isinstance(used.get(section), dict) and used[section].get(key, value) == value:
+            used[section].pop(key, None)
     return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -143,7 +156,7 @@ def job_threads(jobs: int, threads: int) -> int:
 # used to start the longest cells first, so that no long cell is left running alone at
 # the end of a parallel grid while the other CPUs idle.
 CELL_SECONDS = {"digits64": 110, "rgb3072": 210, "proj768": 125, "synth10k": 105,
-                "synth45k": 400, "synth100c": 130}
+                "synth45k": 400, "synth100c": 130, "digits64lt": 32}
 
 
 def longest_first(names: list[str]) -> list[str]:
@@ -243,6 +256,16 @@ def validation_pick(first: dict, second: dict) -> str:
     return "\n".join(lines)
 
 
+def with_override(base: dict, item: str, parser: argparse.ArgumentParser) -> dict:
+    """base with one `--set SECTION.KEY=VALUE` applied (VALUE read as YAML)."""
+    dotted, sep, text = item.partition("=")
+    section, dot, key = dotted.partition(".")
+    if not sep or not dot or not isinstance(base.get(section), dict) \
+            or key not in base[section]:
+        parser.error(f"--set {item}: expected SECTION.KEY=VALUE with a key params.yaml has")
+    return {**base, section: {**base[section], key: yaml.safe_load(text)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -257,6 +280,11 @@ def main() -> None:
     parser.add_argument("--retrieve-k", default=None,
                         help="retrieve.k for every cell instead of params.yaml's (an integer "
                              "or auto); give it its own --out")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="a params.yaml value for every cell (repeatable; the value is "
+                             "read as YAML), e.g. train.class_balance=inverse; give it its "
+                             "own --out")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch / FAISS threads per cell (0: each stage's default with "
                              "one job, the CPUs shared out between jobs with several)")
@@ -283,6 +311,8 @@ def main() -> None:
     if args.retrieve_k is not None:
         k = args.retrieve_k
         base["retrieve"] = {**base["retrieve"], "k": int(k) if k.isdigit() else k}
+    for item in args.overrides:
+        base = with_override(base, item, parser)
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "processor": platform.processor() or platform.machine()}
     jobs = args.jobs or usable_cpus()

@@ -21,6 +21,7 @@ ENCODERS = ("pixels", "open_clip")
 NOISE_KINDS = ("none", "symmetric", "asymmetric", "pairflip", "pmd", "hybrid", "file")
 PMD_TYPES = ("I", "II", "III")
 WEIGHTINGS = ("agreement", "uniform")
+CLASS_BALANCES = ("none", "inverse")
 PROJECTIONS = ("linear", "mlp")
 FEATURE_NORMS = ("standardize", "center", "l2", "none")
 READOUTS = ("auto", "nearest_one", "argmax")
@@ -219,6 +220,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.995
     weighting: str = "agreement"
+    # "inverse": each drawn target's loss weight is also divided by its class's share of
+    # the train rows' candidate labels (`pipeline.training.class_balance_weights`).
+    class_balance: str = "none"
     projection: str = "linear"
     feature_norm: str = "standardize"
     ddim_steps: int = 10
@@ -243,6 +247,7 @@ class TrainConfig:
         _check(self.grad_clip > 0, "train", "grad_clip", self.grad_clip, "> 0")
         _check(0 <= self.ema_decay < 1, "train", "ema_decay", self.ema_decay, "in [0, 1)")
         _choice("train", "weighting", self.weighting, WEIGHTINGS)
+        _choice("train", "class_balance", self.class_balance, CLASS_BALANCES)
         _choice("train", "projection", self.projection, PROJECTIONS)
         _choice("train", "feature_norm", self.feature_norm, FEATURE_NORMS)
         _choice("train", "readout", self.readout, READOUTS)

@@ -30,7 +30,8 @@ from pipeline.retrieval import (FALLBACK_K, candidate_labels, falls_back_to_smal
                                 search_rows)
 from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
                              open_embeddings, read_labels)
-from pipeline.training import TrainData, TrainResult, model_spec, train_diffusion
+from pipeline.training import (IMBALANCE_HINT_RATIO, TrainData, TrainResult, class_imbalance,
+                               model_spec, train_diffusion)
 from stages.app import (DeviceOption, EmbeddingsOption, IndexOption, LabelsOption,
                         NprocOption, OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
                         ThreadsOption, app, resolve_device, set_threads, stage)
@@ -116,6 +117,11 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, index:
                      val_features=torch.from_numpy(norm.apply_inplace(val_x)).to(dev),
                      val_labels=torch.from_numpy(val_truth).to(dev),
                      num_classes=lab.num_classes)
+    imbalance = class_imbalance(data.candidates, lab.num_classes)
+    if ctx.is_main and p.train.class_balance == "none" and imbalance >= IMBALANCE_HINT_RATIO:
+        log.info("hint: the retrieved training labels are imbalanced (the largest class "
+                 "%.1fx the smallest); train.class_balance: inverse often does better then "
+                 "(README, Troubleshooting)", imbalance)
     result = train_diffusion(data, p.train, progress=progress)
     k = candidates.shape[1] - 1
     k_retry = retry_k(ret_ref.meta.get("k_selection"), trained_k=k,
@@ -157,6 +163,7 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, index:
                     "best_weights": result.best["weights"],
                     "readout": result.best["readout"],
                     "final_loss": result.history[-1]["loss"], "k": k,
+                    "candidate_class_imbalance": round(imbalance, 4),
                     **({"k_retry": retried} if retried else {}),
                     **({"probe_retry": fell_back} if fell_back else {})},
                    out.path(out_dir / "train.json"))

@@ -52,6 +52,18 @@ def test_cell_keys_ignore_only_what_the_cell_does_not_read():
     assert params_key(report_changed, ignore=()) != params_key(base, ignore=())
 
 
+def test_a_param_added_at_its_old_behaviour_keeps_finished_cells_current():
+    """train.class_balance arrived after the grid ran: at "none" (the older runs' loss,
+    bit for bit) a cell's key is unchanged; at "inverse" the cell is stale."""
+    from bench.accuracy import params_key
+
+    old = {"train": {"epochs": 10}, "report": {"samples": 16}}
+    assert params_key({**old, "train": {"epochs": 10, "class_balance": "none"}}) == \
+        params_key(old)
+    assert params_key({**old, "train": {"epochs": 10, "class_balance": "inverse"}}) != \
+        params_key(old)
+    assert old["train"] == {"epochs": 10}  # the caller's dict is left alone
+
 def test_cells_on_an_older_space_version_are_stale_and_left_out_of_the_table():
     """A space rebuilt at a new version (bench/spaces.py) reruns its cells, and the table
     never mixes cells from two versions of one space."""

@@ -692,3 +692,37 @@ def test_outputs_are_readable_by_stage_readers(pipeline_run):
     assert (ret.candidates[train, 0] == lab.observed[train]).all()  # own label first
     assert not np.isin(ret.neighbour_ids, emb.sample_id[emb.split != "train"]).any()
     assert not (ret.neighbour_ids == emb.sample_id[:, None]).any()  # never itself
+
+
+def test_train_records_the_candidate_imbalance_and_hints_class_balance(run_copy, tmp_path,
+                                                                       monkeypatch):
+    """train.json carries the candidate labels' largest / smallest class count; from
+    IMBALANCE_HINT_RATIO up, train logs one hint to try train.class_balance: inverse,
+    and does not once it is set."""
+    import torch
+
+    import stages.train
+    from pipeline.neighbours import read_retrieval
+    from pipeline.training import IMBALANCE_HINT_RATIO, class_imbalance
+
+    weak = {"epochs": 2, "eval_every": 1, "warmup_epochs": 1}
+    params = bad_params(run_copy, tmp_path, train=weak)
+    result = invoke(stage_args("train", run_copy.root, params))
+    assert result.exit_code == 0, result.stderr
+    table = read_retrieval(run_copy.path("neighbours"))
+    train = table.split == "train"
+    ratio = class_imbalance(torch.from_numpy(table.candidates[train]), 10)
+    info = json.loads(run_copy.path("train_json").read_text())
+    assert info["candidate_class_imbalance"] == pytest.approx(ratio, abs=1e-4)
+    assert 1.0 < ratio < IMBALANCE_HINT_RATIO  # balanced digits, 40 % symmetric noise
+    assert "hint:" not in result.stderr
+    monkeypatch.setattr(stages.train, "IMBALANCE_HINT_RATIO", ratio)  # as if imbalanced
+    result = invoke(stage_args("train", run_copy.root, params))
+    assert result.exit_code == 0, result.stderr
+    hints = [line for line in result.stderr.splitlines() if "hint:" in line]
+    assert len(hints) == 1 and "train.class_balance: inverse" in hints[0], result.stderr
+    inverse = bad_params(run_copy, tmp_path / "inverse",
+                         train={**weak, "class_balance": "inverse"})
+    result = invoke(stage_args("train", run_copy.root, inverse))
+    assert result.exit_code == 0, result.stderr
+    assert "hint:" not in result.stderr

@@ -22,8 +22,8 @@ from pipeline import inference
 from pipeline.inference import predict_scores, start_noise, stochastic_vote
 from pipeline.model import ConditionalLinear, DiffusionClassifier, ModelSpec
 from pipeline.retrieval import candidate_labels
-from pipeline.training import (TrainData, clip_gradients_, draw_targets, learning_rate,
-                               model_spec, train_diffusion)
+from pipeline.training import (TrainData, class_balance_weights, clip_gradients_,
+                               draw_targets, learning_rate, model_spec, train_diffusion)
 
 
 def spec(projection: str = "linear", **kw) -> ModelSpec:
@@ -204,6 +204,33 @@ def test_draw_targets_is_deterministic_per_generator():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
 
+def test_class_balance_weights_give_every_class_the_same_total_weight():
+    cand = torch.tensor([[0, 0, 1], [0, 0, 0], [1, 0, 3]])  # counts 6, 2, 0, 1 over C = 4
+    w = class_balance_weights(cand, 4)
+    assert w.dtype == torch.float32
+    np.testing.assert_allclose(w.numpy(), [9 / 24, 9 / 8, 9 / 4, 9 / 4], rtol=1e-6)
+    counts = torch.tensor([6.0, 2.0, 0.0, 1.0])
+    total = counts * w  # what each class weighs in all: the same where it occurs
+    np.testing.assert_allclose(total[[0, 1, 3]].numpy(), [9 / 4] * 3, rtol=1e-6)
+    balanced = torch.arange(4).repeat(5, 2)  # every class equally often: weights exactly 1
+    assert torch.equal(class_balance_weights(balanced, 4), torch.ones(4))
+
+
+def test_draw_targets_class_weights_reweight_without_changing_the_draws():
+    cand = torch.tensor([[2, 2, 0], [0, 1, 2], [1, 1, 1], [0, 0, 0]])
+    cw = torch.tensor([0.5, 2.0, 1.0])
+    plain = draw_targets(cand, generator=torch.Generator().manual_seed(3), uniform=False)
+    weighted = draw_targets(cand, generator=torch.Generator().manual_seed(3), uniform=False,
+                            class_weights=cw)
+    assert torch.equal(plain[0], weighted[0])
+    n = (cand == plain[0][:, None]).sum(dim=1).float()
+    expected = n * cw[plain[0]]
+    np.testing.assert_allclose(weighted[1].numpy(), (expected / expected.sum()).numpy(),
+                               rtol=1e-6)
+    labels, w = draw_targets(cand, generator=torch.Generator().manual_seed(3), uniform=True,
+                             class_weights=cw)
+    np.testing.assert_allclose(w.numpy(), (cw[labels] / cw[labels].sum()).numpy(), rtol=1e-6)
+
 
 # --------------------------------------------------------------------------- training
 def noisy_clusters(seed: int = 0, *, n: int = 300, n_val: int = 90, c: int = 3, d: int = 16,
@@ -323,6 +350,22 @@ def test_training_is_deterministic_for_a_seed():
                         progress=False)
     assert u.best["readout"] == "argmax"
     assert u.history[0]["loss"] != a.history[0]["loss"]
+
+
+def test_class_balance_inverse_is_wired_and_exact_on_balanced_candidates():
+    """train.class_balance: "inverse" changes training where the candidate labels are
+    imbalanced, and is bit-identical to "none" where every class is equally frequent
+    (its weights are then exactly 1)."""
+    data, _, _ = noisy_clusters(1, n=120, n_val=30)
+    none = train_diffusion(data, _small_cfg(), progress=False)
+    inverse = train_diffusion(data, _small_cfg(class_balance="inverse"), progress=False)
+    assert inverse.history[0]["loss"] != none.history[0]["loss"]
+    balanced = dataclasses.replace(data, candidates=torch.arange(3).repeat(120, 4))  # (N, 12)
+    assert torch.equal(class_balance_weights(balanced.candidates, 3), torch.ones(3))
+    a = train_diffusion(balanced, _small_cfg(), progress=False)
+    b = train_diffusion(balanced, _small_cfg(class_balance="inverse"), progress=False)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert a.history == b.history
 
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0])  # under the clip norm, and over it

@@ -153,3 +153,20 @@ def test_relabel_round_takes_the_suggestion_only_where_flagged(tmp_path):
     assert ids.tolist() == list(range(9))
     assert label[[4, 1, 7]].tolist() == [3, 2, 3]
     assert label[[0, 2, 8]].tolist() == [0, 0, 0]  # not in the table / not train: kept
+
+
+def test_set_overrides_one_params_value_and_refuses_unknown_keys():
+    import argparse
+
+    from bench.accuracy import with_override
+
+    parser = argparse.ArgumentParser()
+    base = {"train": {"class_balance": "none", "epochs": 10}, "retrieve": {"k": 10}}
+    out = with_override(base, "train.class_balance=inverse", parser)
+    assert out == {"train": {"class_balance": "inverse", "epochs": 10}, "retrieve": {"k": 10}}
+    assert base["train"]["class_balance"] == "none"  # the base is left alone
+    assert with_override(base, "retrieve.k=auto", parser)["retrieve"]["k"] == "auto"
+    assert with_override(base, "train.epochs=12", parser)["train"]["epochs"] == 12  # YAML int
+    for bad in ("train.class_balanc=inverse", "train=1", "nosection.k=1", "train.epochs"):
+        with pytest.raises(SystemExit):
+            with_override(base, bad, parser)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.auto_balance import fill_cache, noise_and_retrieve, resolve_auto
 from bench.spaces import ALL_SPACES, DIGIT_SPACES, SPACES, build_space, space_version
 
 NOISES = {
@@ -103,19 +104,13 @@ def is_current(done: dict | None, params: dict, version: str) -> bool:
 def run_cell(space_dir: Path, params: dict, work: Path, *, threads: int) -> dict:
     """noise -> retrieve -> train -> evaluate in `work`; returns evaluate's metrics."""
     from stages.evaluate import evaluate
-    from stages.noise import noise
-    from stages.retrieve import retrieve
     from stages.train import train
 
     pfile = work / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))
     emb = space_dir / "embeddings/embeddings.parquet"
     started = time.perf_counter()
-    noise(params=pfile, prepared=space_dir / "prepared/samples.parquet", embeddings=emb,
-          out_dir=work / "labels")
-    retrieve(params=pfile, index=space_dir / "index", embeddings=emb,
-             labels=work / "labels/labels.parquet", out_dir=work / "retrieval",
-             threads=threads)
+    noise_and_retrieve(space_dir, pfile, work, threads=threads)
     train(params=pfile, embeddings=emb, labels=work / "labels/labels.parquet",
           retrieval=work / "retrieval/neighbours.parquet",
           index=space_dir / "index", out_dir=work / "model", device="auto",
@@ -319,16 +314,22 @@ def main() -> None:
     threads = job_threads(jobs, args.threads)
     todo = []  # (name, space, noise, seed, space_dir, params)
     started = time.perf_counter()
-    for space in spaces:
-        space_dir = build_space(space, args.work)
-        for noise in noises:
-            for seed in seeds:
-                name = f"{space}/{noise}/{seed}"
-                params = cell_params(base, space, noise, seed)
-                done = results["cells"].get(name)
-                if is_current(done, params, space_version(space)) and not args.redo:
-                    continue
-                todo.append((name, space, noise, seed, space_dir, params))
+    space_dirs = {space: build_space(space, args.work) for space in spaces}
+    cells = [(name, space, noise, seed, cell_params(base, space, noise, seed))
+             for space in spaces for noise in noises for seed in seeds
+             for name in [f"{space}/{noise}/{seed}"]]
+    imbalances = results.setdefault("candidate_imbalance", {})  # bench.auto_balance
+    fill_cache([(space_dirs[c[1]], c[4], c[1], space_version(c[1])) for c in cells],
+               imbalances, jobs=jobs, threads=threads,
+               on_each=lambda: save_results(results, args.out))
+    for name, space, noise, seed, params in cells:
+        params, _ = resolve_auto(space_dirs[space], params, space, space_version(space),
+                                 imbalances, threads=threads)
+        done = results["cells"].get(name)
+        if is_current(done, params, space_version(space)) and not args.redo:
+            continue
+        todo.append((name, space, noise, seed, space_dirs[space], params))
+    save_results(results, args.out)  # the imbalances resolved so far
 
     def finished(item: tuple, metrics: dict) -> None:
         name, space, noise, seed, _, params = item

@@ -194,7 +194,8 @@ def main() -> None:
         print(table(results))
         return
     _require_cleanlab()
-    from bench.spaces import build_space
+    from bench.auto_balance import resolve_auto
+    from bench.spaces import build_space, space_version
 
     base = yaml.safe_load(args.params.read_text())
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -205,7 +206,10 @@ def main() -> None:
     for noise in args.noises or tuple(NOISES):
         for seed in args.seeds:
             name = f"{SPACE}/{noise}/{seed}"
-            params = cell_params(base, SPACE, noise, seed)
+            params, _ = resolve_auto(space_dir, cell_params(base, SPACE, noise, seed),
+                                     SPACE, space_version(SPACE),
+                                     results.setdefault("candidate_imbalance", {}),
+                                     threads=args.threads)
             done = results["cells"].get(name)
             # The report reads the whole params file, its own section included.
             if done and params_key(done["params"], ignore=()) == params_key(params, ignore=()) \

@@ -21,7 +21,7 @@ ENCODERS = ("pixels", "open_clip")
 NOISE_KINDS = ("none", "symmetric", "asymmetric", "pairflip", "pmd", "hybrid", "file")
 PMD_TYPES = ("I", "II", "III")
 WEIGHTINGS = ("agreement", "uniform")
-CLASS_BALANCES = ("none", "inverse")
+CLASS_BALANCES = ("auto", "none", "inverse")
 PROJECTIONS = ("linear", "mlp")
 FEATURE_NORMS = ("standardize", "center", "l2", "none")
 READOUTS = ("auto", "nearest_one", "argmax")
@@ -221,8 +221,10 @@ class TrainConfig:
     ema_decay: float = 0.995
     weighting: str = "agreement"
     # "inverse": each drawn target's loss weight is also divided by its class's share of
-    # the train rows' candidate labels (`pipeline.training.class_balance_weights`).
-    class_balance: str = "none"
+    # the train rows' candidate labels (`pipeline.training.class_balance_weights`);
+    # "auto": inverse when those labels are imbalanced (CLASS_BALANCE_AUTO_RATIO), else
+    # "none", the paper's loss.
+    class_balance: str = "auto"
     projection: str = "linear"
     feature_norm: str = "standardize"
     ddim_steps: int = 10

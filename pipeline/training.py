@@ -138,12 +138,22 @@ def draw_targets(candidates: torch.Tensor, *, generator: torch.Generator, unifor
     return labels, agree / agree.sum()
 
 
-IMBALANCE_HINT_RATIO = 2.0
-"""`lra train` suggests train.class_balance: inverse from this candidate-label
-imbalance up (largest class's count / smallest's). Measured (bench/README.md, seed 0):
-1.14-1.70 on the three balanced digits spaces at symmetric, pairflip, PMD 35 % and
-hybrid noise (where inverse moves validation accuracy by -1.9 to +1.4 points), 2.36-3.23
-at PMD 70 % (+7.0 to +13.4), 3.1-13.8 on the long-tailed digits space."""
+CLASS_BALANCE_AUTO_RATIO = 2.0
+"""train.class_balance "auto" weighs the loss by inverse class share ("inverse") from
+this candidate-label imbalance up (largest class's count / smallest's), else keeps the
+paper's loss ("none"). Chosen on validation (bench/README.md, seed 0): 1.14-1.70 on the
+three balanced digits spaces at symmetric, pairflip, PMD 35 % and hybrid noise (where
+inverse moves validation accuracy by -1.9 to +1.4 points), 2.36-3.23 at PMD 70 % (+7.0
+to +13.4), 3.1-13.8 on the long-tailed digits space (+3.4 at 40 % symmetric)."""
+
+
+def resolve_class_balance(requested: str, imbalance: float) -> str:
+    """The loss weighting a training applies: `requested` unless it is "auto", which
+    becomes "inverse" when `imbalance` (class_imbalance of the candidates) reaches
+    CLASS_BALANCE_AUTO_RATIO and "none" below it."""
+    if requested != "auto":
+        return requested
+    return "inverse" if imbalance >= CLASS_BALANCE_AUTO_RATIO else "none"
 
 
 def candidate_class_counts(candidates: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -216,7 +226,8 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True,
     ddp: train with DistributedDataParallel over the joined process group (see the module
     docstring); None = when a process group of more than one rank is joined. Every rank
     must call this with the same data and cfg. Off the main rank the result holds the
-    (global) loss history but no weights and no validation scores.
+    (global) loss history but no weights and no validation scores. cfg.class_balance
+    "auto" is resolved on data.candidates (resolve_class_balance).
     """
     device = data.features.device
     n, dim = data.features.shape
@@ -255,8 +266,10 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True,
     abar = alphas_cumprod(cosine_betas(cfg.timesteps)).float().to(device)  # (T,)
     steps = ddim_timesteps(cfg.timesteps, cfg.ddim_steps)
     rules = ("nearest_one", "argmax") if cfg.readout == "auto" else (cfg.readout,)
+    balance = resolve_class_balance(cfg.class_balance,
+                                    class_imbalance(data.candidates, data.num_classes))
     class_weights = (class_balance_weights(data.candidates, data.num_classes)
-                     if cfg.class_balance == "inverse" else None)  # (C,) or None
+                     if balance == "inverse" else None)  # (C,) or None
     n_batches = max(1, math.ceil(n / cfg.batch_size))
     if n // n_batches < 2:
         raise ConfigError(f"train.batch_size: {cfg.batch_size} splits the {n} train rows "

@@ -30,8 +30,9 @@ from pipeline.retrieval import (FALLBACK_K, candidate_labels, falls_back_to_smal
                                 search_rows)
 from pipeline.tables import (UNKNOWN, EmbeddingsFile, Labels, check_same_samples,
                              open_embeddings, read_labels)
-from pipeline.training import (IMBALANCE_HINT_RATIO, TrainData, TrainResult, class_imbalance,
-                               model_spec, train_diffusion)
+from pipeline.training import (CLASS_BALANCE_AUTO_RATIO, TrainData, TrainResult,
+                               class_imbalance, model_spec, resolve_class_balance,
+                               train_diffusion)
 from stages.app import (DeviceOption, EmbeddingsOption, IndexOption, LabelsOption,
                         NprocOption, OutDirOption, ParamsOption, ProgressOption, RetrievalOption,
                         ThreadsOption, app, resolve_device, set_threads, stage)
@@ -118,10 +119,12 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, index:
                      val_labels=torch.from_numpy(val_truth).to(dev),
                      num_classes=lab.num_classes)
     imbalance = class_imbalance(data.candidates, lab.num_classes)
-    if ctx.is_main and p.train.class_balance == "none" and imbalance >= IMBALANCE_HINT_RATIO:
-        log.info("hint: the retrieved training labels are imbalanced (the largest class "
-                 "%.1fx the smallest); train.class_balance: inverse often does better then "
-                 "(README, Troubleshooting)", imbalance)
+    # Resolved once, on the retrieved candidates, so that a retry at another k trains
+    # with the same loss as the first run.
+    balance = resolve_class_balance(p.train.class_balance, imbalance)
+    if ctx.is_main:
+        _log_class_balance(p.train.class_balance, balance, imbalance)
+    p = replace(p, train=replace(p.train, class_balance=balance))
     result = train_diffusion(data, p.train, progress=progress)
     k = candidates.shape[1] - 1
     k_retry = retry_k(ret_ref.meta.get("k_selection"), trained_k=k,
@@ -164,9 +167,24 @@ def _train(p: Params, *, embeddings: Path, labels: Path, retrieval: Path, index:
                     "readout": result.best["readout"],
                     "final_loss": result.history[-1]["loss"], "k": k,
                     "candidate_class_imbalance": round(imbalance, 4),
+                    "class_balance": balance,
                     **({"k_retry": retried} if retried else {}),
                     **({"probe_retry": fell_back} if fell_back else {})},
                    out.path(out_dir / "train.json"))
+
+
+def _log_class_balance(requested: str, balance: str, imbalance: float) -> None:
+    """One line when the loss weighting depends on the class imbalance."""
+    if imbalance < CLASS_BALANCE_AUTO_RATIO:
+        return
+    if requested == "auto":
+        log.info("the retrieved training labels are imbalanced (the largest class %.1fx the "
+                 "smallest): weighting the loss by inverse class share (train.class_balance: "
+                 "auto; none keeps the paper's loss)", imbalance)
+    elif balance == "none":
+        log.info("hint: the retrieved training labels are imbalanced (the largest class "
+                 "%.1fx the smallest); train.class_balance: auto or inverse often does "
+                 "better then (README, Troubleshooting)", imbalance)
 
 
 def _retry(p: Params, first: TrainResult, data: TrainData, *, k: int, k_retry: int,

@@ -64,6 +64,46 @@ def test_a_param_added_at_its_old_behaviour_keeps_finished_cells_current():
         params_key(old)
     assert old["train"] == {"epochs": 10}  # the caller's dict is left alone
 
+def test_auto_class_balance_cells_are_keyed_by_the_resolved_loss(monkeypatch):
+    """bench.auto_balance: "auto" is replaced by what `lra train` applies, so a cell
+    whose candidates are balanced keeps the key of a finished "none" cell (older cells
+    carry no class_balance at all) and an imbalanced one the key of an "inverse" cell;
+    the imbalance is computed once per noise / retrieve setting and space version."""
+    import bench.auto_balance as auto_balance
+    from bench.accuracy import params_key
+
+    ratios = {0: 1.5, 1: 2.5}  # by noise seed: what the candidates' imbalance would be
+    calls = []
+
+    def fake_imbalance(space_dir, params, *, threads):
+        calls.append(params["noise"]["seed"])
+        return ratios[params["noise"]["seed"]]
+
+    monkeypatch.setattr(auto_balance, "candidate_imbalance", fake_imbalance)
+    cache: dict = {}
+    old = {"noise": {"seed": 0}, "train": {"epochs": 10}}
+    auto = {**old, "train": {"epochs": 10, "class_balance": "auto"}}
+    resolved, ratio = auto_balance.resolve_auto(None, auto, "s", "v1", cache, threads=1)
+    assert ratio == 1.5 and resolved["train"]["class_balance"] == "none"
+    assert params_key(resolved) == params_key(old)
+    assert auto["train"]["class_balance"] == "auto"  # the caller's dict is left alone
+    other_epochs = {**auto, "train": {**auto["train"], "epochs": 20}}
+    auto_balance.resolve_auto(None, other_epochs, "s", "v1", cache, threads=1)
+    assert calls == [0]  # train params do not change the candidates: cached
+    auto_balance.resolve_auto(None, auto, "s", "v2", cache, threads=1)
+    assert calls == [0, 0]  # a rebuilt space does
+    auto_balance.resolve_auto(None, auto, "other", "v1", cache, threads=1)
+    assert calls == [0, 0, 0]  # and so does another space at the same version
+    skewed = {**auto, "noise": {"seed": 1}}
+    resolved, _ = auto_balance.resolve_auto(None, skewed, "s", "v1", cache, threads=1)
+    inverse = {**skewed, "train": {"epochs": 10, "class_balance": "inverse"}}
+    assert resolved == inverse and params_key(resolved) != params_key({**old, **skewed})
+    explicit = {**old, "train": {"epochs": 10, "class_balance": "none"}}
+    assert auto_balance.resolve_auto(None, explicit, "s", "v1", cache,
+                                     threads=1) == (explicit, None)
+    assert calls == [0, 0, 0, 1]
+
+
 def test_cells_on_an_older_space_version_are_stale_and_left_out_of_the_table():
     """A space rebuilt at a new version (bench/spaces.py) reruns its cells, and the table
     never mixes cells from two versions of one space."""

@@ -694,35 +694,51 @@ def test_outputs_are_readable_by_stage_readers(pipeline_run):
     assert not (ret.neighbour_ids == emb.sample_id[:, None]).any()  # never itself
 
 
-def test_train_records_the_candidate_imbalance_and_hints_class_balance(run_copy, tmp_path,
-                                                                       monkeypatch):
-    """train.json carries the candidate labels' largest / smallest class count; from
-    IMBALANCE_HINT_RATIO up, train logs one hint to try train.class_balance: inverse,
-    and does not once it is set."""
+def test_train_resolves_class_balance_auto_on_the_candidate_imbalance(run_copy, tmp_path,
+                                                                     monkeypatch):
+    """train.json carries the candidate labels' largest / smallest class count. Below
+    CLASS_BALANCE_AUTO_RATIO, "auto" trains exactly the paper's loss ("none"); from it
+    up, exactly "inverse", with one line saying so; an explicit "none" then logs one
+    hint instead, and "inverse" nothing."""
     import torch
 
+    import pipeline.training
     import stages.train
+    from pipeline.checkpoint import load_checkpoint
     from pipeline.neighbours import read_retrieval
-    from pipeline.training import IMBALANCE_HINT_RATIO, class_imbalance
+    from pipeline.training import CLASS_BALANCE_AUTO_RATIO, class_imbalance
 
     weak = {"epochs": 2, "eval_every": 1, "warmup_epochs": 1}
-    params = bad_params(run_copy, tmp_path, train=weak)
-    result = invoke(stage_args("train", run_copy.root, params))
-    assert result.exit_code == 0, result.stderr
+
+    def train(balance: str) -> tuple[dict, dict, str]:
+        """(train.json, weights, stderr) of one training at this class_balance."""
+        params = bad_params(run_copy, tmp_path / balance,
+                            train={**weak, "class_balance": balance})
+        result = invoke(stage_args("train", run_copy.root, params))
+        assert result.exit_code == 0, result.stderr
+        model, _ = load_checkpoint(run_copy.path("model"))
+        return (json.loads(run_copy.path("train_json").read_text()), model.state_dict(),
+                result.stderr)
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
     table = read_retrieval(run_copy.path("neighbours"))
-    train = table.split == "train"
-    ratio = class_imbalance(torch.from_numpy(table.candidates[train]), 10)
-    info = json.loads(run_copy.path("train_json").read_text())
-    assert info["candidate_class_imbalance"] == pytest.approx(ratio, abs=1e-4)
-    assert 1.0 < ratio < IMBALANCE_HINT_RATIO  # balanced digits, 40 % symmetric noise
-    assert "hint:" not in result.stderr
-    monkeypatch.setattr(stages.train, "IMBALANCE_HINT_RATIO", ratio)  # as if imbalanced
-    result = invoke(stage_args("train", run_copy.root, params))
-    assert result.exit_code == 0, result.stderr
-    hints = [line for line in result.stderr.splitlines() if "hint:" in line]
-    assert len(hints) == 1 and "train.class_balance: inverse" in hints[0], result.stderr
-    inverse = bad_params(run_copy, tmp_path / "inverse",
-                         train={**weak, "class_balance": "inverse"})
-    result = invoke(stage_args("train", run_copy.root, inverse))
-    assert result.exit_code == 0, result.stderr
-    assert "hint:" not in result.stderr
+    ratio = class_imbalance(torch.from_numpy(table.candidates[table.split == "train"]), 10)
+    assert 1.0 < ratio < CLASS_BALANCE_AUTO_RATIO  # balanced digits, 40 % symmetric noise
+    (auto, auto_w, auto_err), (none, none_w, _) = train("auto"), train("none")
+    assert auto["candidate_class_imbalance"] == pytest.approx(ratio, abs=1e-4)
+    assert auto["class_balance"] == none["class_balance"] == "none"
+    assert same(auto_w, none_w) and "imbalanced" not in auto_err
+
+    for module in (pipeline.training, stages.train):  # as if the labels were imbalanced
+        monkeypatch.setattr(module, "CLASS_BALANCE_AUTO_RATIO", ratio)
+    (auto, auto_w, auto_err), (inverse, inverse_w, inverse_err) = train("auto"), train("inverse")
+    assert auto["class_balance"] == inverse["class_balance"] == "inverse"
+    assert same(auto_w, inverse_w) and not same(auto_w, none_w)
+    assert len([line for line in auto_err.splitlines() if "imbalanced" in line]) == 1
+    assert "weighting the loss by inverse class share" in auto_err
+    assert "imbalanced" not in inverse_err
+    _, _, none_err = train("none")
+    hints = [line for line in none_err.splitlines() if "hint:" in line]
+    assert len(hints) == 1 and "train.class_balance: auto or inverse" in hints[0], none_err

@@ -22,8 +22,9 @@ from pipeline import inference
 from pipeline.inference import predict_scores, start_noise, stochastic_vote
 from pipeline.model import ConditionalLinear, DiffusionClassifier, ModelSpec
 from pipeline.retrieval import candidate_labels
-from pipeline.training import (TrainData, class_balance_weights, clip_gradients_,
-                               draw_targets, learning_rate, model_spec, train_diffusion)
+from pipeline.training import (CLASS_BALANCE_AUTO_RATIO, TrainData, class_balance_weights,
+                               class_imbalance, clip_gradients_, draw_targets, learning_rate,
+                               model_spec, resolve_class_balance, train_diffusion)
 
 
 def spec(projection: str = "linear", **kw) -> ModelSpec:
@@ -216,6 +217,13 @@ def test_class_balance_weights_give_every_class_the_same_total_weight():
     assert torch.equal(class_balance_weights(balanced, 4), torch.ones(4))
 
 
+def test_class_balance_auto_switches_to_inverse_at_the_ratio():
+    assert resolve_class_balance("auto", CLASS_BALANCE_AUTO_RATIO) == "inverse"
+    assert resolve_class_balance("auto", CLASS_BALANCE_AUTO_RATIO - 1e-6) == "none"
+    assert resolve_class_balance("none", 50.0) == "none"  # explicit choices stand
+    assert resolve_class_balance("inverse", 1.0) == "inverse"
+
+
 def test_draw_targets_class_weights_reweight_without_changing_the_draws():
     cand = torch.tensor([[2, 2, 0], [0, 1, 2], [1, 1, 1], [0, 0, 0]])
     cw = torch.tensor([0.5, 2.0, 1.0])
@@ -357,15 +365,23 @@ def test_class_balance_inverse_is_wired_and_exact_on_balanced_candidates():
     imbalanced, and is bit-identical to "none" where every class is equally frequent
     (its weights are then exactly 1)."""
     data, _, _ = noisy_clusters(1, n=120, n_val=30)
-    none = train_diffusion(data, _small_cfg(), progress=False)
+    none = train_diffusion(data, _small_cfg(class_balance="none"), progress=False)
     inverse = train_diffusion(data, _small_cfg(class_balance="inverse"), progress=False)
     assert inverse.history[0]["loss"] != none.history[0]["loss"]
     balanced = dataclasses.replace(data, candidates=torch.arange(3).repeat(120, 4))  # (N, 12)
     assert torch.equal(class_balance_weights(balanced.candidates, 3), torch.ones(3))
-    a = train_diffusion(balanced, _small_cfg(), progress=False)
+    a = train_diffusion(balanced, _small_cfg(class_balance="none"), progress=False)
     b = train_diffusion(balanced, _small_cfg(class_balance="inverse"), progress=False)
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert a.history == b.history
+    # "auto" is exactly "inverse" on imbalanced candidates and "none" on balanced ones.
+    skewed = dataclasses.replace(data, candidates=data.candidates.clone())
+    skewed.candidates[:60] = 0  # half the rows vote class 0 only
+    assert class_imbalance(skewed.candidates, 3) >= CLASS_BALANCE_AUTO_RATIO
+    assert train_diffusion(skewed, _small_cfg(class_balance="auto"), progress=False).history \
+        == train_diffusion(skewed, _small_cfg(class_balance="inverse"), progress=False).history
+    assert train_diffusion(balanced, _small_cfg(class_balance="auto"),
+                           progress=False).history == a.history
 
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0])  # under the clip norm, and over it

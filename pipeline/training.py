@@ -144,7 +144,7 @@ this candidate-label imbalance up (largest class's count / smallest's), else kee
 paper's loss ("none"). Chosen on validation (bench/README.md, seed 0): 1.14-1.70 on the
 three balanced digits spaces at symmetric, pairflip, PMD 35 % and hybrid noise (where
 inverse moves validation accuracy by -1.9 to +1.4 points), 2.36-3.23 at PMD 70 % (+7.0
-to +13.4), 3.1-13.8 on the long-tailed digits space (+3.4 at 40 % symmetric)."""
+to +13.4), 2.2-15.1 on the long-tailed digits space (+3.4 at 40 % symmetric)."""
 
 
 def resolve_class_balance(requested: str, imbalance: float) -> str:

@@ -329,7 +329,6 @@ def main() -> None:
         if is_current(done, params, space_version(space)) and not args.redo:
             continue
         todo.append((name, space, noise, seed, space_dirs[space], params))
-    save_results(results, args.out)  # the imbalances resolved so far
 
     def finished(item: tuple, metrics: dict) -> None:
         name, space, noise, seed, _, params = item

@@ -266,8 +266,8 @@ def train_diffusion(data: TrainData, cfg: TrainConfig, *, progress: bool = True,
     abar = alphas_cumprod(cosine_betas(cfg.timesteps)).float().to(device)  # (T,)
     steps = ddim_timesteps(cfg.timesteps, cfg.ddim_steps)
     rules = ("nearest_one", "argmax") if cfg.readout == "auto" else (cfg.readout,)
-    balance = resolve_class_balance(cfg.class_balance,
-                                    class_imbalance(data.candidates, data.num_classes))
+    balance = (resolve_class_balance("auto", class_imbalance(data.candidates, data.num_classes))
+               if cfg.class_balance == "auto" else cfg.class_balance)
     class_weights = (class_balance_weights(data.candidates, data.num_classes)
                      if balance == "inverse" else None)  # (C,) or None
     n_batches = max(1, math.ceil(n / cfg.batch_size))

@@ -27,11 +27,8 @@ never feed back into anything.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import hashlib
-import importlib
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -42,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from bench.auto_balance import fill_cache, noise_and_retrieve, resolve_auto
+from bench.spawned import run_spawned
 from bench.spaces import ALL_SPACES, DIGIT_SPACES, SPACES, build_space, space_version
 
 NOISES = {
@@ -342,22 +340,12 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{m} {acc[m]:.4f}" for m in METHODS)
               + f" ({metrics['seconds']:.0f} s)", flush=True)
 
-    if jobs == 1 or len(todo) <= 1:
-        for item in todo:
-            finished(item, _run_cell_in_tmp(item[4], item[5], threads))
-    else:
-        # spawn: a fresh interpreter per worker (no forked torch / OpenMP thread state).
-        with concurrent.futures.ProcessPoolExecutor(
-                max_workers=min(jobs, len(todo)),
-                mp_context=multiprocessing.get_context("spawn")) as pool:
-            # By module name: under `python -m` this module is __main__, which a spawned
-            # worker does not import under that name.
-            work_fn = importlib.import_module("bench.accuracy")._run_cell_in_tmp
-            by_name = {item[0]: item for item in todo}
-            todo = [by_name[name] for name in longest_first(list(by_name))]
-            running = {pool.submit(work_fn, item[4], item[5], threads): item for item in todo}
-            for future in concurrent.futures.as_completed(running):
-                finished(running[future], future.result())
+    if jobs > 1:  # the longest cells first, so that the last to finish is a short one
+        by_name = {item[0]: item for item in todo}
+        todo = [by_name[name] for name in longest_first(list(by_name))]
+    run_spawned("bench.accuracy", "_run_cell_in_tmp",
+                [(item, (item[4], item[5], threads), {}) for item in todo], jobs=jobs,
+                on_result=finished)
     print(f"wall time {time.perf_counter() - started:.0f} s")
     print(table(results))
 

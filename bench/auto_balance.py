@@ -19,6 +19,8 @@ from typing import Callable
 
 import yaml
 
+from bench.spawned import run_spawned
+
 
 def noise_and_retrieve(space_dir: Path, params_file: Path, work: Path, *, threads: int
                        ) -> None:
@@ -86,27 +88,16 @@ def fill_cache(cells: list[tuple[Path, dict, str, str]], cache: dict, *, jobs: i
     class_balance "auto" that `cache` lacks, `jobs` cells at a time (each in its own
     spawned process, like the cells themselves), so that resolve_auto finds them all.
     on_each: called after each one is added (e.g. to save the cache)."""
-    import concurrent.futures
-    import importlib
-    import multiprocessing
-
     missing: dict[str, tuple[Path, dict]] = {}
     for space_dir, params, space, version in cells:
         key = imbalance_key(params, space, version)
         if params["train"].get("class_balance") == "auto" and key not in cache:
             missing.setdefault(key, (space_dir, params))
-    if jobs <= 1 or len(missing) <= 1:
-        for key, (space_dir, params) in missing.items():
-            cache[key] = candidate_imbalance(space_dir, params, threads=threads)
-            on_each()
-        return
-    # By module name, so that a spawned worker imports it (not __main__).
-    work_fn = importlib.import_module("bench.auto_balance").candidate_imbalance
-    with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(jobs, len(missing)),
-            mp_context=multiprocessing.get_context("spawn")) as pool:
-        running = {pool.submit(work_fn, space_dir, params, threads=threads): key
-                   for key, (space_dir, params) in missing.items()}
-        for future in concurrent.futures.as_completed(running):
-            cache[running[future]] = future.result()
-            on_each()
+
+    def add(key: str, imbalance: float) -> None:
+        cache[key] = imbalance
+        on_each()
+
+    run_spawned("bench.auto_balance", "candidate_imbalance",
+                [(key, (space_dir, params), {"threads": threads})
+                 for key, (space_dir, params) in missing.items()], jobs=jobs, on_result=add)
